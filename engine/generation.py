@@ -1,0 +1,200 @@
+"""Generation: chunked prefill, then a decode loop that carries the KV state.
+
+`generate` runs the decode loop as one compiled `lax.while_loop`; with `on_token` it runs the same
+jitted step from Python instead, so text can stream to the terminal token by token. Prompts of
+different lengths are right-padded into one batch; each row keeps its own positions and stops at
+its own EOS.
+"""
+
+import dataclasses
+import functools
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine.errors import UserError
+from engine.kv_state import KVState
+from engine.sampling import Sampling, sample
+from models import llama
+from models.config import ModelConfig
+from models.params import ModelParams
+
+PREFILL_CHUNK = 1024
+
+
+def bucket(n: int) -> int:
+    """Static length for n tokens: the next power of two from 64 up to 1024, then 1024 steps."""
+    if n <= 1024:
+        return max(64, 1 << (n - 1).bit_length())
+    return -(-n // 1024) * 1024
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    tokens: jax.Array  # [batch, max_new_tokens] int32, generated ids (pad after a row is done)
+    step: jax.Array  # int32, how many tokens each row has generated
+    done: jax.Array  # [batch] bool
+    kv_state: KVState
+    key: jax.Array
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # per prompt, generated ids up to and including EOS
+    prompt_tokens: int
+    compile_seconds: float
+    prefill_seconds: float
+    decode_seconds: float
+    kv_bytes: int
+
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("kv_state",))
+def extend(params: ModelParams, config: ModelConfig, tokens, valid, kv_state: KVState):
+    """Runs one chunk of new tokens; returns each row's logits at its last valid token."""
+    hidden, kv_state = llama.forward(params, config, tokens, valid, kv_state)
+    last = jnp.maximum(valid.sum(axis=1) - 1, 0)
+    last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+    return llama.logits(params, last_hidden), kv_state
+
+
+def pad_prompts(prompts: list[list[int]]) -> np.ndarray:
+    """Right-pads prompts to one bucketed length: [batch, bucket(longest)] int32."""
+    padded = np.zeros((len(prompts), bucket(max(len(p) for p in prompts))), np.int32)
+    for row, prompt in enumerate(prompts):
+        padded[row, :len(prompt)] = prompt
+    return padded
+
+
+def prefill(extend_fn, params, prompts: list[list[int]], kv_state: KVState, chunk: int):
+    """Feeds right-padded prompts through `extend_fn` (`extend` compiled for one chunk shape)
+    chunk by chunk; returns each row's last-token logits and the KV state."""
+    lengths = np.array([len(p) for p in prompts])
+    longest = int(lengths.max())
+    padded = pad_prompts(prompts)
+    last_logits = None
+    for start in range(0, padded.shape[1], chunk):
+        if start >= longest:
+            break
+        valid = np.arange(start, start + chunk)[None, :] < lengths[:, None]
+        logits, kv_state = extend_fn(params, jnp.asarray(padded[:, start:start + chunk]),
+                                     jnp.asarray(valid), kv_state)
+        ends_here = jnp.asarray(valid.any(axis=1))[:, None]
+        last_logits = logits if last_logits is None else jnp.where(ends_here, logits, last_logits)
+    return last_logits, kv_state
+
+
+def _first_token(logits, key, sampling: Sampling, max_new_tokens: int, kv_state) -> DecodeState:
+    batch = logits.shape[0]
+    token = sample(logits, jax.random.fold_in(key, 0), sampling)
+    return DecodeState(tokens=jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token),
+                       step=jnp.int32(1), done=jnp.zeros((batch,), bool), kv_state=kv_state,
+                       key=key)
+
+
+def decode_step(params, config: ModelConfig, sampling: Sampling, state: DecodeState) -> DecodeState:
+    """Feeds each row's newest token, samples the next one and records it."""
+    last = state.tokens[:, state.step - 1]
+    done = state.done | jnp.isin(last, jnp.asarray(config.eos_token_ids, jnp.int32))
+    hidden, kv_state = llama.forward(params, config, last[:, None], ~done[:, None], state.kv_state)
+    logits = llama.logits(params, hidden[:, 0])
+    token = sample(logits, jax.random.fold_in(state.key, state.step), sampling)
+    token = jnp.where(done, 0, token)
+    return DecodeState(tokens=state.tokens.at[:, state.step].set(token), step=state.step + 1,
+                       done=done, kv_state=kv_state, key=state.key)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampling"), donate_argnames=("state",))
+def decode_step_jit(params, config, sampling, state):
+    return decode_step(params, config, sampling, state)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampling"), donate_argnames=("state",))
+def decode_loop(params, config, sampling, state: DecodeState) -> DecodeState:
+    """All remaining decode steps as one compiled `lax.while_loop`."""
+    max_new_tokens = state.tokens.shape[1]
+    eos = jnp.asarray(config.eos_token_ids, jnp.int32)
+
+    def running(s: DecodeState):
+        last_done = s.done | jnp.isin(s.tokens[:, s.step - 1], eos)
+        return (s.step < max_new_tokens) & ~jnp.all(last_done)
+
+    return jax.lax.while_loop(running, lambda s: decode_step(params, config, sampling, s), state)
+
+
+def check_lengths(config: ModelConfig, prompts: list[list[int]], max_new_tokens: int):
+    if max_new_tokens <= 0:
+        raise UserError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if not prompts or min(len(p) for p in prompts) == 0:
+        raise UserError("every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > config.max_position_embeddings:
+        raise UserError(
+            f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
+            f"context of {config.max_position_embeddings} tokens; shorten the prompt")
+
+
+def _trim(row: np.ndarray, eos_ids) -> list[int]:
+    out = []
+    for token in row.tolist():
+        out.append(token)
+        if token in eos_ids:
+            break
+    return out
+
+
+def generate(params: ModelParams, config: ModelConfig, prompts: list[list[int]],
+             max_new_tokens: int, sampling: Sampling = Sampling(), seed: int = 0,
+             on_token: Callable[[int], None] | None = None, kv_dtype=None) -> GenerationResult:
+    """Generates up to `max_new_tokens` for each prompt. `on_token(id)` streams a one-row batch.
+
+    Both programs are compiled ahead of time, so the reported speeds exclude compilation.
+    """
+    check_lengths(config, prompts, max_new_tokens)
+    if on_token is not None and len(prompts) != 1:
+        raise UserError("streaming generates one prompt at a time")
+    kv_dtype = kv_dtype or params.embed.dtype
+    batch, padded_length = pad_prompts(prompts).shape
+    chunk = min(PREFILL_CHUNK, padded_length)
+    kv_state = KVState.empty(config, batch, padded_length + max_new_tokens, kv_dtype)
+    kv_bytes = kv_state.nbytes()
+
+    start = time.perf_counter()
+    chunk_spec = jax.ShapeDtypeStruct((batch, chunk), jnp.int32)
+    extend_fn = extend.lower(params, config, chunk_spec, chunk_spec.update(dtype=bool),
+                             kv_state).compile()
+    state_spec = jax.eval_shape(
+        lambda kv: _first_token(jnp.zeros((batch, config.vocab_size)), jax.random.key(0),
+                                sampling, max_new_tokens, kv), kv_state)
+    decode_fn = (decode_loop if on_token is None else decode_step_jit).lower(
+        params, config, sampling, state_spec).compile()
+    compile_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    logits, kv_state = prefill(extend_fn, params, prompts, kv_state, chunk)
+    state = _first_token(logits, jax.random.key(seed), sampling, max_new_tokens, kv_state)
+    state.tokens.block_until_ready()
+    prefill_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    eos = set(config.eos_token_ids)
+    if on_token is None:
+        state = decode_fn(params, state)
+    else:
+        token = int(np.asarray(state.tokens)[0, 0])
+        on_token(token)
+        for step in range(1, max_new_tokens):
+            if token in eos:
+                break
+            state = decode_fn(params, state)
+            token = int(np.asarray(state.tokens)[0, step])  # whole-array copy: no per-step compile
+            on_token(token)
+    tokens = np.asarray(state.tokens)
+    decode_seconds = time.perf_counter() - start
+    return GenerationResult(tokens=[_trim(row, eos) for row in tokens],
+                            prompt_tokens=sum(len(p) for p in prompts),
+                            compile_seconds=compile_seconds, prefill_seconds=prefill_seconds,
+                            decode_seconds=decode_seconds, kv_bytes=kv_bytes)

@@ -1,0 +1,65 @@
+"""`python -m engine.generate` answers bad input with one line and a non-zero exit."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from checkpoints_convert.load import default_checkpoint_path
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, module="engine.generate"):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[-1]
+
+
+def test_missing_checkpoint(tmp_path):
+    assert_one_line_error(run_cli("--prompt=hi", f"--checkpoint={tmp_path}/nothing.gguf"),
+                          "not found")
+
+
+def test_truncated_gguf(tmp_path):
+    truncated = tmp_path / "cut.gguf"
+    with open(default_checkpoint_path(), "rb") as f:
+        truncated.write_bytes(f.read(5_000_000))
+    assert_one_line_error(run_cli("--prompt=hi", f"--checkpoint={truncated}"), "truncated")
+
+
+def test_truncated_safetensors(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "model.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{")
+    assert_one_line_error(run_cli("--prompt=hi", f"--checkpoint={tmp_path}"))
+
+
+def test_unknown_compression_method_lists_the_methods():
+    assert_one_line_error(run_cli("--prompt=hi", "--compress=magic"), "magic", "none")
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_non_positive_max_new_tokens(value):
+    assert_one_line_error(run_cli("--prompt=hi", f"--max_new_tokens={value}"), "max_new_tokens")
+
+
+def test_prompt_longer_than_the_context(tmp_path):
+    prompt = tmp_path / "long.txt"
+    prompt.write_text("the cat sat on the mat. " * 1700)  # ~10k tokens > SmolLM2's 8192
+    assert_one_line_error(run_cli(f"--prompt_file={prompt}", "--max_new_tokens=4"), "context")
+
+
+def test_default_model_answers_a_question():
+    result = run_cli("--prompt=What is the capital of France?", "--chat", "--max_new_tokens=20")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "decode" in result.stdout and "KV cache" in result.stdout
