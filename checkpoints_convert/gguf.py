@@ -58,7 +58,7 @@ class GGUFFile:
     path: str
     metadata: dict[str, Any]
     tensor_infos: dict[str, TensorInfo]
-    _data: np.ndarray = dataclasses.field(repr=False)  # the whole file, memory-mapped as uint8
+    _data: np.ndarray = dataclasses.field(repr=False, compare=False)  # the whole file, mapped as uint8
 
     def tensor(self, name: str) -> np.ndarray:
         """Tensor `name` as float32 (F32 data is returned as a read-only view of the file)."""

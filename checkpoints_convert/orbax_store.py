@@ -6,7 +6,7 @@ materialises whole on one device. Leaves without a sharding land on the default 
 
 `None` leaves (e.g. the lm_head of a tied model) are saved as empty subtrees and come back as `None`.
 A `None` in the abstract tree skips whatever the checkpoint holds there; an array requested where the
-checkpoint holds `None` is an error (Orbax alone would quietly return `None`).
+checkpoint holds `None` (or nothing) is an error.
 """
 
 import os
@@ -39,17 +39,33 @@ def restore_tree(directory: str | os.PathLike, abstract_tree: Any) -> Any:
     )
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            restored = checkpointer.restore(path, target)
+            stored = checkpointer.metadata(path).item_metadata
+            if stored is None:
+                raise UserError(f"{path} is not an Orbax checkpoint (it has no readable metadata)")
+            _check_shapes(path, stored.tree, target)
+            return checkpointer.restore(path, target)
     except (ValueError, FileNotFoundError) as e:  # how Orbax reports missing, corrupt or mismatched data
         raise UserError(f"cannot restore the checkpoint in {path}: {' '.join(str(e).split())[:400]}") from e
-    # Orbax fills a requested array with None when the checkpoint stored None there; refuse instead.
-    missing = sorted(_leaf_paths(target) - _leaf_paths(restored))
-    if missing:
-        raise UserError(
-            f"the checkpoint in {path} has None where arrays were requested: {', '.join(missing)}"
-        )
-    return restored
 
 
-def _leaf_paths(tree: Any) -> set[str]:
-    return {jax.tree_util.keystr(key_path) for key_path, _ in jax.tree_util.tree_leaves_with_path(tree)}
+def _check_shapes(path: str, stored_tree: Any, target: Any) -> None:
+    """Fail before reading any data if a requested array is absent or shaped differently on disk.
+
+    Orbax alone would quietly return None for an array stored as None, and would report a shape
+    mismatch only midway through reading the other arrays.
+    """
+    stored = {_name(key_path): leaf for key_path, leaf in jax.tree_util.tree_leaves_with_path(stored_tree)}
+    for key_path, leaf in jax.tree_util.tree_leaves_with_path(target):
+        name = _name(key_path)
+        if name not in stored:
+            raise UserError(f"the checkpoint in {path} has no array {name!r}")
+        if tuple(stored[name].shape) != leaf.shape:
+            raise UserError(
+                f"the checkpoint in {path} has {name!r} with shape {tuple(stored[name].shape)}, "
+                f"but {leaf.shape} was requested"
+            )
+
+
+def _name(key_path: Any) -> str:
+    """'layers.0.w' whether the tree holds dataclasses, dicts or lists (Orbax stores them as dicts)."""
+    return jax.tree_util.keystr(key_path, simple=True, separator=".")

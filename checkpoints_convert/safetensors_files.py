@@ -45,7 +45,8 @@ def read_hf_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], di
     index_path = os.path.join(directory, _INDEX_FILE)
     if not os.path.isfile(index_path):
         raise UserError(f"{directory}: no weights found (expected {_SINGLE_FILE} or {_INDEX_FILE})")
-    weight_map = _read_json(index_path).get("weight_map")
+    index = _read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise UserError(f"{index_path}: no 'weight_map' object")
     tensors = {}

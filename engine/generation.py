@@ -1,9 +1,12 @@
-"""Generation: chunked prefill, then a decode loop that carries the KV state.
+"""Generation: chunked prefill of the context, compression, the question, then a decode loop
+that carries the KV state.
 
 `generate` runs the decode loop as one compiled `lax.while_loop`; with `on_token` it runs the same
 jitted step from Python instead, so text can stream to the terminal token by token. Prompts of
 different lengths are right-padded into one batch; each row keeps its own positions and stops at
-its own EOS.
+its own EOS. With a compression method, the context is compressed once it is prefilled and the
+question (never compressed) follows at the positions after the uncompressed context, as in
+kvpress's pipeline.
 """
 
 import dataclasses
@@ -15,6 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compression.compress import Compression, Plan, compress, context_bytes
+from compression.select import round_up
+from compression.observations import LayerObservations
 from engine.errors import UserError
 from engine.kv_state import KVState
 from engine.sampling import Sampling, sample
@@ -47,18 +53,24 @@ class GenerationResult:
     tokens: list[list[int]]  # per prompt, generated ids up to and including EOS
     prompt_tokens: int
     compile_seconds: float
-    prefill_seconds: float
+    prefill_seconds: float  # context, compression and question, compilation excluded
+    compression_seconds: float
     decode_seconds: float
-    kv_bytes: int
+    kv_bytes: int  # the whole KV state held while decoding
+    context_kv_bytes_before: int  # the context's KV as prefilled (n tokens, full precision)
+    context_kv_bytes_after: int  # the context's KV as kept (equal to before without compression)
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("kv_state",))
-def extend(params: ModelParams, config: ModelConfig, tokens, valid, kv_state: KVState):
-    """Runs one chunk of new tokens; returns each row's logits at its last valid token."""
-    hidden, kv_state = llama.forward(params, config, tokens, valid, kv_state)
+@functools.partial(jax.jit, static_argnames=("config", "needs"), donate_argnames=("kv_state",))
+def extend(params: ModelParams, config: ModelConfig, tokens, valid, kv_state: KVState,
+           needs=None, observations=None):
+    """Runs one chunk of new tokens; returns each row's logits at its last valid token, the KV
+    state and, when a compression method watches (`needs`), the updated observations."""
+    hidden, kv_state, observations = llama.forward(params, config, tokens, valid, kv_state, needs,
+                                                   observations)
     last = jnp.maximum(valid.sum(axis=1) - 1, 0)
     last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-    return llama.logits(params, last_hidden), kv_state
+    return llama.logits(params, last_hidden), kv_state, observations
 
 
 def pad_prompts(prompts: list[list[int]]) -> np.ndarray:
@@ -69,22 +81,41 @@ def pad_prompts(prompts: list[list[int]]) -> np.ndarray:
     return padded
 
 
-def prefill(extend_fn, params, prompts: list[list[int]], kv_state: KVState, chunk: int):
-    """Feeds right-padded prompts through `extend_fn` (`extend` compiled for one chunk shape)
-    chunk by chunk; returns each row's last-token logits and the KV state."""
+class Compiler:
+    """Compiles jitted functions ahead of time so that run times exclude compilation."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def __call__(self, fn, *args, **static):
+        start = time.perf_counter()
+        compiled = fn.lower(*args, **static).compile()
+        self.seconds += time.perf_counter() - start
+        return compiled
+
+
+def prefill(compiler: Compiler, params, config, prompts: list[list[int]], kv_state: KVState,
+            needs=None, observations=None):
+    """Feeds right-padded prompts through `extend` chunk by chunk; returns each row's last-token
+    logits, the KV state and the observations (when `needs`)."""
     lengths = np.array([len(p) for p in prompts])
     longest = int(lengths.max())
     padded = pad_prompts(prompts)
+    chunk = min(PREFILL_CHUNK, padded.shape[1])
+    spec = jax.ShapeDtypeStruct((len(prompts), chunk), jnp.int32)
+    extend_fn = compiler(extend, params, config, spec, spec.update(dtype=bool), kv_state, needs,
+                         observations)
     last_logits = None
-    for start in range(0, padded.shape[1], chunk):
-        if start >= longest:
-            break
+    for start in range(0, longest, chunk):
         valid = np.arange(start, start + chunk)[None, :] < lengths[:, None]
-        logits, kv_state = extend_fn(params, jnp.asarray(padded[:, start:start + chunk]),
-                                     jnp.asarray(valid), kv_state)
+        tokens = np.zeros((len(prompts), chunk), np.int32)
+        piece = padded[:, start:start + chunk]
+        tokens[:, :piece.shape[1]] = piece
+        logits, kv_state, observations = extend_fn(params, jnp.asarray(tokens),
+                                                   jnp.asarray(valid), kv_state, observations)
         ends_here = jnp.asarray(valid.any(axis=1))[:, None]
         last_logits = logits if last_logits is None else jnp.where(ends_here, logits, last_logits)
-    return last_logits, kv_state
+    return last_logits, kv_state, observations
 
 
 def _first_token(logits, key, sampling: Sampling, max_new_tokens: int, kv_state) -> DecodeState:
@@ -99,7 +130,7 @@ def decode_step(params, config: ModelConfig, sampling: Sampling, state: DecodeSt
     """Feeds each row's newest token, samples the next one and records it."""
     last = state.tokens[:, state.step - 1]
     done = state.done | jnp.isin(last, jnp.asarray(config.eos_token_ids, jnp.int32))
-    hidden, kv_state = llama.forward(params, config, last[:, None], ~done[:, None], state.kv_state)
+    hidden, kv_state, _ = llama.forward(params, config, last[:, None], ~done[:, None], state.kv_state)
     logits = llama.logits(params, hidden[:, 0])
     token = sample(logits, jax.random.fold_in(state.key, state.step), sampling)
     token = jnp.where(done, 0, token)
@@ -125,12 +156,15 @@ def decode_loop(params, config, sampling, state: DecodeState) -> DecodeState:
     return jax.lax.while_loop(running, lambda s: decode_step(params, config, sampling, s), state)
 
 
-def check_lengths(config: ModelConfig, prompts: list[list[int]], max_new_tokens: int):
+def check_lengths(config: ModelConfig, prompts: list[list[int]], questions: list[list[int]],
+                  max_new_tokens: int):
     if max_new_tokens <= 0:
         raise UserError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if not prompts or min(len(p) for p in prompts) == 0:
         raise UserError("every prompt needs at least one token")
-    longest = max(len(p) for p in prompts)
+    if len(questions) != len(prompts):
+        raise UserError(f"{len(questions)} questions for {len(prompts)} contexts")
+    longest = max(len(p) + len(q) for p, q in zip(prompts, questions))
     if longest + max_new_tokens > config.max_position_embeddings:
         raise UserError(
             f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
@@ -148,37 +182,69 @@ def _trim(row: np.ndarray, eos_ids) -> list[int]:
 
 def generate(params: ModelParams, config: ModelConfig, prompts: list[list[int]],
              max_new_tokens: int, sampling: Sampling = Sampling(), seed: int = 0,
-             on_token: Callable[[int], None] | None = None, kv_dtype=None) -> GenerationResult:
-    """Generates up to `max_new_tokens` for each prompt. `on_token(id)` streams a one-row batch.
+             on_token: Callable[[int], None] | None = None, kv_dtype=None,
+             compression: Compression | None = None,
+             questions: list[list[int]] | None = None) -> GenerationResult:
+    """Generates up to `max_new_tokens` after each prompt (the context) and its question.
 
-    Both programs are compiled ahead of time, so the reported speeds exclude compilation.
+    With `compression`, each context's KV is compressed after its prefill; the question is
+    appended after compression and never compressed. `on_token(id)` streams a one-row batch.
+    Every program is compiled ahead of time, so the reported speeds exclude compilation.
     """
-    check_lengths(config, prompts, max_new_tokens)
+    questions = questions or [[] for _ in prompts]
+    check_lengths(config, prompts, questions, max_new_tokens)
     if on_token is not None and len(prompts) != 1:
         raise UserError("streaming generates one prompt at a time")
     kv_dtype = kv_dtype or params.embed.dtype
     batch, padded_length = pad_prompts(prompts).shape
-    chunk = min(PREFILL_CHUNK, padded_length)
-    kv_state = KVState.empty(config, batch, padded_length + max_new_tokens, kv_dtype)
-    kv_bytes = kv_state.nbytes()
+    after_context = round_up(max(len(q) for q in questions) + max_new_tokens)
+    context_lengths = [len(p) for p in prompts]
+    per_token = config.kv_bytes_per_token(jnp.dtype(kv_dtype).itemsize)
+    compiler = Compiler()
 
     start = time.perf_counter()
-    chunk_spec = jax.ShapeDtypeStruct((batch, chunk), jnp.int32)
-    extend_fn = extend.lower(params, config, chunk_spec, chunk_spec.update(dtype=bool),
-                             kv_state).compile()
-    state_spec = jax.eval_shape(
-        lambda kv: _first_token(jnp.zeros((batch, config.vocab_size)), jax.random.key(0),
-                                sampling, max_new_tokens, kv), kv_state)
-    decode_fn = (decode_loop if on_token is None else decode_step_jit).lower(
-        params, config, sampling, state_spec).compile()
-    compile_seconds = time.perf_counter() - start
+    kv_state = KVState.empty(config, batch, padded_length + (0 if compression else after_context),
+                             kv_dtype)
+    needs, observations = None, None
+    if compression is not None and compression.method.needs().any():
+        needs = compression.method.needs()
+        observations = tuple(
+            LayerObservations.empty(needs, batch, config.num_heads, config.num_kv_heads,
+                                    config.head_dim, padded_length)
+            for _ in range(config.num_layers))
+    logits, kv_state, observations = prefill(compiler, params, config, prompts, kv_state, needs,
+                                             observations)
+    logits.block_until_ready()
+    prefill_seconds = time.perf_counter() - start - compiler.seconds
 
-    start = time.perf_counter()
-    logits, kv_state = prefill(extend_fn, params, prompts, kv_state, chunk)
+    compression_seconds = 0.0
+    context_after = sum(context_lengths) * per_token
+    if compression is not None:
+        plan = Plan.make(compression, context_lengths, config.num_layers, config.num_kv_heads)
+        args = (compression.method, config, kv_state, observations,
+                jnp.asarray(context_lengths, jnp.int32), jnp.asarray(plan.n_kept),
+                jnp.asarray(plan.floors))
+        static = dict(capacities=plan.capacities, recent_capacity=after_context)
+        compress_fn = compiler(compress, *args, **static)
+        start = time.perf_counter()
+        kv_state = compress_fn(*args[2:])
+        jax.block_until_ready(kv_state)
+        compression_seconds = time.perf_counter() - start
+        context_after = context_bytes(kv_state)
+
+    if any(questions):
+        compile_before = compiler.seconds
+        start = time.perf_counter()
+        question_logits, kv_state, _ = prefill(compiler, params, config,
+                                               [q or [0] for q in questions], kv_state)
+        has_question = jnp.asarray([bool(q) for q in questions])[:, None]
+        logits = jnp.where(has_question, question_logits, logits)
+        logits.block_until_ready()
+        prefill_seconds += time.perf_counter() - start - (compiler.seconds - compile_before)
+
     state = _first_token(logits, jax.random.key(seed), sampling, max_new_tokens, kv_state)
-    state.tokens.block_until_ready()
-    prefill_seconds = time.perf_counter() - start
-
+    decode_fn = compiler(decode_loop if on_token is None else decode_step_jit, params, config,
+                         sampling, state)
     start = time.perf_counter()
     eos = set(config.eos_token_ids)
     if on_token is None:
@@ -194,7 +260,10 @@ def generate(params: ModelParams, config: ModelConfig, prompts: list[list[int]],
             on_token(token)
     tokens = np.asarray(state.tokens)
     decode_seconds = time.perf_counter() - start
-    return GenerationResult(tokens=[_trim(row, eos) for row in tokens],
-                            prompt_tokens=sum(len(p) for p in prompts),
-                            compile_seconds=compile_seconds, prefill_seconds=prefill_seconds,
-                            decode_seconds=decode_seconds, kv_bytes=kv_bytes)
+    return GenerationResult(
+        tokens=[_trim(row, eos) for row in tokens],
+        prompt_tokens=sum(context_lengths) + sum(len(q) for q in questions),
+        compile_seconds=compiler.seconds, prefill_seconds=prefill_seconds + compression_seconds,
+        compression_seconds=compression_seconds, decode_seconds=decode_seconds,
+        kv_bytes=state.kv_state.nbytes(), context_kv_bytes_before=sum(context_lengths) * per_token,
+        context_kv_bytes_after=context_after)

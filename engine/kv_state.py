@@ -16,7 +16,15 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from engine.attention import merge, segment_attention
+
 EMPTY_POSITION = -1
+
+
+def group_queries(queries, kv_heads: int):
+    """[batch, tokens, heads, d] -> [batch, tokens, kv_heads, heads // kv_heads, d] (GQA groups)."""
+    batch, tokens, heads, head_dim = queries.shape
+    return queries.reshape(batch, tokens, kv_heads, heads // kv_heads, head_dim)
 
 
 @jax.tree_util.register_dataclass
@@ -64,23 +72,22 @@ class DenseKVCache:
             lengths=jnp.minimum(self.lengths + valid.sum(axis=1, dtype=jnp.int32)[:, None],
                                 self.capacity))
 
+    def partial(self, grouped_queries, query_positions, sliding_window: int | None = None):
+        """Attention of grouped queries [batch, tokens, kv_heads, group, head_dim] over this cache:
+        (normalised output, log-sum-exp, probabilities), see `engine.attention`."""
+        mask = self.visibility(query_positions, sliding_window)
+        return segment_attention(grouped_queries, self.keys, self.values, mask)
+
     def attend(self, queries, query_positions, sliding_window: int | None = None):
         """Softmax attention of queries [batch, tokens, heads, head_dim] over the cache.
 
         A query sees a slot that is valid, whose position is not after its own and, with a sliding
-        window W, is less than W positions back. Returns [batch, tokens, heads, head_dim].
+        window W, is less than W positions back. Returns the output [batch, tokens, heads,
+        head_dim] and the cache (unchanged here; caches that track attention update themselves).
         """
-        batch, tokens, heads, head_dim = queries.shape
-        kv_heads = self.keys.shape[1]
-        q = queries.reshape(batch, tokens, kv_heads, heads // kv_heads, head_dim)
-        scores = jnp.einsum("bthgd,bhcd->bhgtc", q, self.keys,
-                            preferred_element_type=jnp.float32) / jnp.sqrt(head_dim)
-        mask = self.visibility(query_positions, sliding_window)[:, :, None]  # [b, h, 1, t, c]
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("bhgtc,bhcd->bthgd", probs.astype(self.values.dtype), self.values,
-                         preferred_element_type=jnp.float32)
-        return out.reshape(batch, tokens, heads, head_dim).astype(queries.dtype)
+        out, _, _ = self.partial(group_queries(queries, self.keys.shape[1]), query_positions,
+                                 sliding_window)
+        return out.reshape(queries.shape).astype(queries.dtype), self
 
     def visibility(self, query_positions, sliding_window: int | None):
         """[batch, kv_heads, tokens, capacity] bool: which slots each query may attend to."""
@@ -92,6 +99,58 @@ class DenseKVCache:
         if sliding_window is not None:
             mask &= query_pos - key_pos < sliding_window
         return mask
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FlatKVCache:
+    """A read-only cache whose kv-heads keep different numbers of tokens (head-wise budgets,
+    AdaKV): the kept tokens of all heads of a layer share one flat slot axis, each slot tagged
+    with its head, so the bytes held are the sum of the heads' budgets (the head-flattened layout
+    of KVCache-Factory's AdaKV, with static shapes)."""
+
+    keys: jax.Array  # [batch, slots, head_dim]
+    values: jax.Array  # [batch, slots, head_dim]
+    positions: jax.Array  # [batch, slots] int32
+    heads: jax.Array  # [batch, slots] int32, the kv-head each slot belongs to
+    lengths: jax.Array  # [batch] int32, valid slots per sequence
+
+    def nbytes(self) -> int:
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self))
+
+    def partial(self, grouped_queries, query_positions, sliding_window: int | None = None):
+        kv_heads = grouped_queries.shape[2]
+        slot = jnp.arange(self.keys.shape[1], dtype=jnp.int32)
+        own = self.heads[:, None, :] == jnp.arange(kv_heads, dtype=jnp.int32)[None, :, None]
+        usable = own & (slot < self.lengths[:, None])[:, None, :]  # [b, h, s]
+        key_pos = self.positions[:, None, None, :]
+        query_pos = query_positions[:, None, :, None]
+        mask = usable[:, :, None, :] & (key_pos <= query_pos)
+        if sliding_window is not None:
+            mask &= query_pos - key_pos < sliding_window
+        return segment_attention(grouped_queries, self.keys, self.values, mask)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SegmentedCache:
+    """A compressed context followed by an exact cache for everything appended after compression
+    (the question and generated tokens); attention merges the two by log-sum-exp."""
+
+    context: DenseKVCache | FlatKVCache
+    recent: DenseKVCache
+
+    def nbytes(self) -> int:
+        return self.context.nbytes() + self.recent.nbytes()
+
+    def append(self, keys, values, positions, valid) -> "SegmentedCache":
+        return SegmentedCache(self.context, self.recent.append(keys, values, positions, valid))
+
+    def attend(self, queries, query_positions, sliding_window: int | None = None):
+        grouped = group_queries(queries, self.recent.keys.shape[1])
+        parts = [segment.partial(grouped, query_positions, sliding_window)[:2]
+                 for segment in (self.context, self.recent)]
+        return merge(parts).reshape(queries.shape).astype(queries.dtype), self
 
 
 @jax.tree_util.register_dataclass

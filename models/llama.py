@@ -9,7 +9,7 @@ read; this file only computes them.
 import jax
 import jax.numpy as jnp
 
-from engine.kv_state import KVState
+from engine.kv_state import KVState, group_queries
 from models.config import ModelConfig
 from models.params import LayerParams, ModelParams
 from models.rope import apply_rope
@@ -21,46 +21,62 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * normed.astype(x.dtype)
 
 
-def project_qkv(layer: LayerParams, x, positions, config: ModelConfig):
-    """Post-RoPE queries [b, t, heads, d] and keys, and values [b, t, kv_heads, d]."""
+def project_qkv(layer: LayerParams, x, config: ModelConfig):
+    """Queries [b, t, heads, d], keys and values [b, t, kv_heads, d], before RoPE."""
     batch, tokens, _ = x.shape
     d = config.head_dim
     q = (x @ layer.wq).reshape(batch, tokens, config.num_heads, d)
     k = (x @ layer.wk).reshape(batch, tokens, config.num_kv_heads, d)
     v = (x @ layer.wv).reshape(batch, tokens, config.num_kv_heads, d)
-    return apply_rope(q, positions, config), apply_rope(k, positions, config), v
+    return q, k, v
 
 
 def mlp(layer: LayerParams, x):
     return (jax.nn.silu(x @ layer.w_gate) * (x @ layer.w_up)) @ layer.w_down
 
 
-def decoder_layer(layer: LayerParams, cache, x, positions, valid, config: ModelConfig):
+def decoder_layer(layer: LayerParams, cache, x, positions, valid, config: ModelConfig,
+                  needs=None, observations=None):
+    """One block. With `needs` the attention also updates the layer's `observations` (what the
+    compression scorers watch during prefill); the cache must then be a plain `DenseKVCache`."""
     h = rms_norm(x, layer.attn_norm, config.rms_norm_eps)
-    q, k, v = project_qkv(layer, h, positions, config)
+    q_pre, k, v = project_qkv(layer, h, config)
+    q, k = apply_rope(q_pre, positions, config), apply_rope(k, positions, config)
     cache = cache.append(k, v, positions, valid)
-    attn = cache.attend(q, positions, config.sliding_window)
+    if needs is None:
+        attn, cache = cache.attend(q, positions, config.sliding_window)
+    else:
+        out, _, probs = cache.partial(group_queries(q, config.num_kv_heads), positions,
+                                      config.sliding_window)
+        attn = out.astype(x.dtype)
+        observations = observations.update(needs, q_pre, q, probs, positions, valid)
     x = x + attn.reshape(*x.shape[:2], -1) @ layer.wo
     x = x + mlp(layer, rms_norm(x, layer.mlp_norm, config.rms_norm_eps))
-    return x, cache
+    return x, cache, observations
 
 
-def forward(params: ModelParams, config: ModelConfig, tokens, valid, kv_state: KVState):
+def forward(params: ModelParams, config: ModelConfig, tokens, valid, kv_state: KVState,
+            needs=None, observations=None):
     """Runs `tokens` [batch, t] (valid: [batch, t] bool, a prefix per row) after the KV state.
 
-    Positions continue from each sequence's `next_positions`. Returns the final-norm hidden states
-    [batch, t, hidden] and the updated KV state.
+    Positions continue from each sequence's `next_positions`. When a compression method watches
+    the prefill, `needs` says what it needs and `observations` holds one `LayerObservations` per
+    layer. Returns the final-norm hidden states [batch, t, hidden], the updated KV state and the
+    updated observations (None when not watching).
     """
     positions = kv_state.next_positions[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
     x = params.embed[tokens]
-    caches = []
-    for layer, cache in zip(params.layers, kv_state.layers):
-        x, cache = decoder_layer(layer, cache, x, positions, valid, config)
+    caches, watched = [], []
+    for i, (layer, cache) in enumerate(zip(params.layers, kv_state.layers)):
+        x, cache, layer_observations = decoder_layer(
+            layer, cache, x, positions, valid, config, needs,
+            None if needs is None else observations[i])
         caches.append(cache)
+        watched.append(layer_observations)
     x = rms_norm(x, params.final_norm, config.rms_norm_eps)
     new_state = KVState(layers=tuple(caches),
                         next_positions=kv_state.next_positions + valid.sum(1, dtype=jnp.int32))
-    return x, new_state
+    return x, new_state, (None if needs is None else tuple(watched))
 
 
 def logits(params: ModelParams, hidden: jax.Array) -> jax.Array:

@@ -1,8 +1,6 @@
 """Orbax save/restore of parameter trees, including None leaves and restores onto given shardings."""
 
 import dataclasses
-import gc
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -87,31 +85,32 @@ def test_saving_over_an_existing_directory_is_refused(tmp_path):
         save_tree(tmp_path / "ckpt", _params())
 
 
-# A failed Orbax restore abandons its other reads' coroutines; we collect them inside this test (see the
-# end) and ignore the warnings they raise, which are Orbax's noise, not ours to fix.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_missing_corrupt_or_mismatched_checkpoint_is_reported(tmp_path):
     params = _params()
     with pytest.raises(UserError, match="checkpoint directory not found"):
         restore_tree(tmp_path / "nope", _abstract(params))
 
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="cannot restore the checkpoint"):
+    with pytest.raises(UserError, match="is not an Orbax checkpoint"):
         restore_tree(tmp_path / "empty", _abstract(params))
 
     save_tree(tmp_path / "ckpt", params)
     wrong_shape = dataclasses.replace(_abstract(params), embed=jax.ShapeDtypeStruct((7, 4), jnp.float32))
-    with pytest.raises(UserError, match=r"cannot restore the checkpoint.*\(7, 4\)"):
+    with pytest.raises(UserError, match=r"has 'embed' with shape \(6, 4\), but \(7, 4\) was requested"):
         restore_tree(tmp_path / "ckpt", wrong_shape)
     untied = dataclasses.replace(_abstract(params), lm_head=jax.ShapeDtypeStruct((4, 6), jnp.float32))
-    with pytest.raises(UserError, match=r"has None where arrays were requested: \.lm_head"):
+    with pytest.raises(UserError, match="has no array 'lm_head'"):
         restore_tree(tmp_path / "ckpt", untied)
-
-    # A fresh directory: tensorstore caches what it has read, so an emptied "ckpt" might still load.
-    save_tree(tmp_path / "gutted", params)
-    for sub in (tmp_path / "gutted").iterdir():  # drop the array data, keep the metadata files
-        if sub.is_dir():
-            shutil.rmtree(sub)
+    extra_layer = dataclasses.replace(_abstract(params), layers=_abstract(params).layers * 2)
+    with pytest.raises(UserError, match="has no array 'layers.2.norm'"):
+        restore_tree(tmp_path / "ckpt", extra_layer)
+    fewer_layers = dataclasses.replace(_abstract(params), layers=_abstract(params).layers[:1])
     with pytest.raises(UserError, match="cannot restore the checkpoint"):
-        restore_tree(tmp_path / "gutted", _abstract(params))
-    gc.collect()
+        restore_tree(tmp_path / "ckpt", fewer_layers)
+
+    save_tree(tmp_path / "corrupt", params)
+    for f in (tmp_path / "corrupt").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    with pytest.raises(UserError, match="is not an Orbax checkpoint"):
+        restore_tree(tmp_path / "corrupt", _abstract(params))

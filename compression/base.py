@@ -1,0 +1,83 @@
+"""The compression protocol.
+
+A method is a small frozen dataclass (hashable, so jitted code takes it as a static argument) that
+says what it needs to observe during the context's prefill (`needs`), how it scores each cached
+token once the context is in (`score`, higher keeps) and how many tokens each layer keeps
+(`layer_budgets`). The framework (`compression.compress`) does the rest: masking padding, the
+top-k, and building caches that really are smaller. Methods that act at each decode step or inside
+attention extend this with their own cache kinds.
+
+Budgets follow kvpress: `compression_ratio` r is the fraction of the context removed and each
+(layer, kv-head) keeps `max(1, int(n * (1 - r)))` of n context tokens; `kv_budget` N keeps
+`min(N, n)` instead.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from compression.observations import LayerObservations, Needs
+from engine.errors import UserError
+from engine.kv_state import DenseKVCache
+from models.config import ModelConfig
+
+# Score of a token a method always keeps (sinks, the observation window): above any real score,
+# finite so that AdaKV's safeguard (+inf) still ranks above it, as in kvpress.
+FORCED = 1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    ratio: float | None = None
+    tokens: int | None = None
+
+    def __post_init__(self):
+        if (self.ratio is None) == (self.tokens is None):
+            raise UserError("give exactly one of --compression_ratio and --kv_budget")
+        if self.ratio is not None and not 0 <= self.ratio < 1:
+            raise UserError(f"compression ratio must be in [0, 1), got {self.ratio}")
+        if self.tokens is not None and self.tokens <= 0:
+            raise UserError(f"kv budget must be a positive number of tokens, got {self.tokens}")
+
+    def kept(self, n: int) -> float:
+        """The (fractional) number of tokens a stream should keep of n: kvpress's n * (1 - r)."""
+        return n * (1.0 - self.ratio) if self.ratio is not None else float(min(self.tokens, n))
+
+    def n_kept(self, n: int) -> int:
+        return max(1, int(self.kept(n)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """Base of the prefill-time (scorer) methods."""
+
+    head_wise = False  # True: heads of a layer share the layer's budget unevenly (AdaKV)
+
+    def needs(self) -> Needs:
+        return Needs()
+
+    def score(self, observations: LayerObservations, cache: DenseKVCache,
+              context_lengths: jax.Array, config: ModelConfig) -> jax.Array:
+        """[batch, kv_heads, slots] float32; higher keeps; FORCED for tokens always kept."""
+        raise NotImplementedError
+
+    def layer_budgets(self, budget: Budget, n: int, num_layers: int) -> list[int]:
+        return [budget.n_kept(n)] * num_layers
+
+
+def window_attention(observations: LayerObservations, cache: DenseKVCache, config: ModelConfig):
+    """Attention of the last W context queries over the whole context (keys of the window
+    included, causal inside it, softmax in float32): [batch, kv_heads, group, W, slots], with
+    rows of unfilled window entries zeroed (contexts shorter than W)."""
+    queries = observations.window_queries
+    batch, window, heads, head_dim = queries.shape
+    grouped = queries.reshape(batch, window, config.num_kv_heads, heads // config.num_kv_heads,
+                              head_dim)
+    query_positions = observations.window_positions
+    logits = jnp.einsum("bwhgd,bhsd->bhgws", grouped, cache.keys.astype(jnp.float32)) / jnp.sqrt(
+        jnp.float32(head_dim))
+    mask = cache.visibility(query_positions, config.sliding_window)[:, :, None]
+    probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
+    filled = (query_positions >= 0)[:, None, None, :, None]
+    return jnp.where(filled, probs, 0.0)

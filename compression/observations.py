@@ -1,0 +1,90 @@
+"""What scorers observe while the context is prefilled, accumulated chunk by chunk.
+
+A method says what it needs (`Needs`); the prefill then keeps, per layer, only that:
+- the last W post-RoPE queries of each context (SnapKV, PyramidKV, TOVA, AdaKV's default scorer);
+- the sum and sum of outer products of pre-RoPE queries past the sink tokens (ExpectedAttention);
+- the attention each cached key received, summed over all queries (H2O).
+Nothing N x N is kept: the column sums come from each chunk's attention as it runs.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Needs:
+    window: int = 0  # how many of the context's last queries
+    query_statistics_after: int | None = None  # first position counted (sinks excluded)
+    column_sums: bool = False
+
+    def any(self) -> bool:
+        return bool(self.window or self.query_statistics_after is not None or self.column_sums)
+
+    def union(self, other: "Needs") -> "Needs":
+        stats = [s for s in (self.query_statistics_after, other.query_statistics_after)
+                 if s is not None]
+        return Needs(max(self.window, other.window), min(stats) if stats else None,
+                     self.column_sums or other.column_sums)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerObservations:
+    window_queries: jax.Array | None = None  # [batch, W, heads, head_dim], oldest first
+    window_positions: jax.Array | None = None  # [batch, W] int32, -1 where unfilled
+    query_sum: jax.Array | None = None  # [batch, heads, head_dim] float32
+    query_outer: jax.Array | None = None  # [batch, heads, head_dim, head_dim] float32
+    query_count: jax.Array | None = None  # [batch] float32
+    column_sums: jax.Array | None = None  # [batch, kv_heads, capacity] float32
+
+    @classmethod
+    def empty(cls, needs: Needs, batch: int, heads: int, kv_heads: int, head_dim: int,
+              capacity: int) -> "LayerObservations":
+        fields = {}
+        if needs.window:
+            fields["window_queries"] = jnp.zeros((batch, needs.window, heads, head_dim), jnp.float32)
+            fields["window_positions"] = jnp.full((batch, needs.window), -1, jnp.int32)
+        if needs.query_statistics_after is not None:
+            fields["query_sum"] = jnp.zeros((batch, heads, head_dim), jnp.float32)
+            fields["query_outer"] = jnp.zeros((batch, heads, head_dim, head_dim), jnp.float32)
+            fields["query_count"] = jnp.zeros((batch,), jnp.float32)
+        if needs.column_sums:
+            fields["column_sums"] = jnp.zeros((batch, kv_heads, capacity), jnp.float32)
+        return cls(**fields)
+
+    def update(self, needs: Needs, queries_pre_rope, queries, probs, positions, valid):
+        """Adds one chunk: queries [b, t, heads, d] (before and after RoPE), attention
+        probabilities [b, kv_heads, group, t, slots], positions and valid [b, t]."""
+        new = {}
+        if needs.window:
+            new["window_queries"], new["window_positions"] = _keep_last(
+                self.window_queries, self.window_positions, queries.astype(jnp.float32),
+                jnp.where(valid, positions, -1))
+        if needs.query_statistics_after is not None:
+            counted = (valid & (positions >= needs.query_statistics_after)).astype(jnp.float32)
+            q = queries_pre_rope.astype(jnp.float32) * counted[:, :, None, None]
+            new["query_sum"] = self.query_sum + q.sum(axis=1)
+            new["query_outer"] = self.query_outer + jnp.einsum("bthd,bthe->bhde", q, q)
+            new["query_count"] = self.query_count + counted.sum(axis=1)
+        if needs.column_sums:
+            seen = probs * valid[:, None, None, :, None]
+            new["column_sums"] = self.column_sums + seen.sum(axis=(2, 3))
+        return dataclasses.replace(self, **new)
+
+
+def _keep_last(kept, kept_positions, new, new_positions):
+    """The last W valid entries of (kept ++ new) per row, oldest first; a position of -1 marks
+    an empty or padding entry. kept: [b, W, ...]; new: [b, t, ...]."""
+    window = kept.shape[1]
+    values = jnp.concatenate([kept, new], axis=1)
+    positions = jnp.concatenate([kept_positions, new_positions], axis=1)
+    present = positions >= 0
+    rank = jnp.cumsum(present, axis=1) - 1
+    first_kept = jnp.maximum(present.sum(axis=1, keepdims=True) - window, 0)
+    slot = jnp.where(present & (rank >= first_kept), rank - first_kept, window)
+    rows = jnp.arange(values.shape[0])[:, None]
+    out = jnp.zeros_like(kept).at[rows, slot].set(values, mode="drop")
+    out_positions = jnp.full_like(kept_positions, -1).at[rows, slot].set(positions, mode="drop")
+    return out, out_positions

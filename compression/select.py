@@ -1,0 +1,57 @@
+"""Keeping the best-scored tokens: from a full cache and per-token scores to a smaller cache.
+
+Top-k ties go to the lower slot (`lax.top_k`'s documented rule, which is also what torch.topk
+gave on CUDA for kvpress). Kept tokens are stored in position order; kvpress stores them in score
+order, which attention cannot tell apart.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from engine.kv_state import EMPTY_POSITION, DenseKVCache, FlatKVCache
+
+BLOCK = 16  # capacities are rounded up to this many slots, so few shapes get compiled
+
+
+def round_up(n: int, block: int = BLOCK) -> int:
+    return -(-n // block) * block
+
+
+def _valid_scores(cache: DenseKVCache, scores):
+    slot = jnp.arange(cache.capacity, dtype=jnp.int32)
+    return jnp.where(slot < cache.lengths[:, :, None], scores, -jnp.inf)
+
+
+def keep_per_head(cache: DenseKVCache, scores, n_kept, capacity: int) -> DenseKVCache:
+    """Each (sequence, kv-head) keeps its n_kept[b] best tokens in a cache of `capacity` slots."""
+    _, chosen = jax.lax.top_k(_valid_scores(cache, scores), capacity)
+    kept = jnp.arange(capacity)[None, None, :] < n_kept[:, None, None]
+    order = jnp.sort(jnp.where(kept, chosen, cache.capacity), axis=-1)  # kept first, by slot
+    slots = jnp.minimum(order, cache.capacity - 1)
+    take = lambda x: jnp.take_along_axis(x, slots[..., None], axis=2)
+    positions = jnp.take_along_axis(cache.positions, slots, axis=2)
+    return DenseKVCache(keys=take(cache.keys), values=take(cache.values),
+                        positions=jnp.where(order < cache.capacity, positions, EMPTY_POSITION),
+                        lengths=jnp.broadcast_to(n_kept[:, None], cache.lengths.shape))
+
+
+def keep_per_layer(cache: DenseKVCache, scores, n_kept_per_head, floor, capacity: int) -> FlatKVCache:
+    """The heads of a layer share kv_heads * n_kept[b] slots: each head first keeps its floor[b]
+    best tokens, the rest go to the best scores of the whole layer (head-wise budgets, AdaKV).
+    Kept slots are ordered by (head, position)."""
+    batch, kv_heads, slots = scores.shape
+    scores = _valid_scores(cache, scores)
+    rank = jnp.argsort(jnp.argsort(-scores, axis=-1, stable=True), axis=-1)
+    scores = jnp.where(rank < floor[:, None, None], jnp.inf, scores)
+    flat = scores.reshape(batch, kv_heads * slots)
+    _, chosen = jax.lax.top_k(flat, capacity)
+    total = kv_heads * n_kept_per_head
+    kept = jnp.arange(capacity)[None, :] < total[:, None]
+    order = jnp.sort(jnp.where(kept, chosen, kv_heads * slots), axis=-1)
+    valid = order < kv_heads * slots
+    head, slot = jnp.minimum(order // slots, kv_heads - 1), order % slots
+    rows = jnp.arange(batch)[:, None]
+    return FlatKVCache(keys=cache.keys[rows, head, slot], values=cache.values[rows, head, slot],
+                       positions=jnp.where(valid, cache.positions[rows, head, slot],
+                                           EMPTY_POSITION),
+                       heads=head.astype(jnp.int32), lengths=total.astype(jnp.int32))

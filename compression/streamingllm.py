@@ -1,0 +1,27 @@
+"""StreamingLLM (Xiao et al., "Efficient Streaming Language Models with Attention Sinks", ICLR
+2024): keep the first `n_sink` tokens (attention sinks) and the most recent ones.
+
+As a prefill method it follows kvpress 0.5.5's StreamingLLMPress (n_sink = 4): of n context tokens
+keep the 4 sinks and the last n_kept - 4. Kept keys keep their original RoPE positions (kvpress
+without KeyRerotationPress); the paper re-rotates to cache positions. The decode-time variant
+(`compression.decode_eviction`) evicts the oldest non-sink token once the cache is full.
+"""
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from compression.base import FORCED, Method
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamingLLM(Method):
+    n_sink: int = 4
+
+    def score(self, observations, cache, context_lengths, config):
+        recency = cache.positions.astype(jnp.float32)
+        return jnp.where(cache.positions < self.n_sink, FORCED, recency)
+
+    def decode_scores(self, cache, probs):
+        """Decode-time eviction: the same rule on the live cache."""
+        return self.score(None, cache, None, None)

@@ -1,0 +1,41 @@
+"""Attention over one cache segment, and the log-sum-exp merge of several segments.
+
+A cache can be made of parts (a compressed context, an exact recent window, a quantized block):
+each part returns its softmax-normalised output together with the log-sum-exp of its scores, and
+`merge` combines them exactly as one softmax over the union would (DESIGN.md, decision 4).
+"""
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = jnp.finfo(jnp.float32).min
+
+
+def segment_attention(queries, keys, values, mask):
+    """Softmax attention of grouped queries over one segment.
+
+    queries: [batch, tokens, kv_heads, group, head_dim]; keys, values: [batch, kv_heads, slots,
+    head_dim], or [batch, slots, head_dim] for a slot axis shared by all kv-heads (the mask then
+    says which slots each head owns); mask: [batch, kv_heads, tokens, slots] bool. Returns the normalised output
+    [batch, tokens, kv_heads, group, head_dim] float32, the log-sum-exp [batch, tokens, kv_heads,
+    group] float32 (very negative where nothing is visible) and the probabilities
+    [batch, kv_heads, group, tokens, slots] float32 for scorers that need them.
+    """
+    head_dim = queries.shape[-1]
+    kv = "bhsd" if keys.ndim == 4 else "bsd"
+    scores = jnp.einsum(f"bthgd,{kv}->bhgts", queries, keys,
+                        preferred_element_type=jnp.float32) / jnp.sqrt(head_dim).astype(jnp.float32)
+    scores = jnp.where(mask[:, :, None], scores, NEG_INF)
+    lse = jax.nn.logsumexp(scores, axis=-1)
+    probs = jnp.exp(scores - lse[..., None])
+    out = jnp.einsum(f"bhgts,{kv}->bthgd", probs.astype(values.dtype), values,
+                     preferred_element_type=jnp.float32)
+    return out, lse.transpose(0, 3, 1, 2), probs
+
+
+def merge(parts):
+    """Combines (output, lse) pairs of disjoint segments into one normalised output."""
+    lses = jnp.stack([lse for _, lse in parts])
+    total = jax.nn.logsumexp(lses, axis=0)
+    weights = jnp.exp(lses - total)
+    return sum(w[..., None] * out for w, (out, _) in zip(weights, parts))
