@@ -6,7 +6,9 @@ scores of the whole layer, whichever head they belong to.
 
 kvpress only masks the evicted keys in a full-size cache; here the kept tokens of all heads share
 one flat slot axis (`FlatKVCache`), so the memory saved is real. Wraps any scorer:
-`--compress=adakv:snapkv` (the default inner scorer is SnapKV).
+`--compress=adakv:snapkv` (the default inner scorer is SnapKV). Layer budgets come from the inner
+method, so `adakv:pyramidkv` allocates pyramid budgets across layers and Ada-KV's within each
+(kvpress's AdaKVPress always uses uniform layer budgets).
 """
 
 import dataclasses

@@ -66,15 +66,43 @@ class Method:
         return [budget.n_kept(n)] * num_layers
 
 
-def window_attention(observations: LayerObservations, cache: DenseKVCache, config: ModelConfig):
-    """Attention of the last W context queries over the whole context (keys of the window
-    included, causal inside it, softmax in float32): [batch, kv_heads, group, W, slots], with
-    rows of unfilled window entries zeroed (contexts shorter than W)."""
-    queries = observations.window_queries
-    batch, window, heads, head_dim = queries.shape
+@dataclasses.dataclass(frozen=True)
+class KeepAll(Method):
+    """No eviction: every context token stays (used when only a store acts, e.g. `kivi4`)."""
+
+    def score(self, observations, cache, context_lengths, config):
+        return jnp.zeros(cache.positions.shape, jnp.float32)
+
+    def layer_budgets(self, budget: Budget, n: int, num_layers: int) -> list[int]:
+        return [n] * num_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class Store:
+    """How the kept context is stored and read: e.g. quantized (KIVI, int8) or paged with
+    per-page metadata for sparse reads (Quest). `convert` turns one layer's `SegmentedCache`
+    (compressed context + empty recent segment) into the store's own cache kind, which must
+    implement `append`, `attend` and `nbytes` like the caches in `engine.kv_state`."""
+
+    def convert(self, layer, config: ModelConfig, budget: Budget):
+        raise NotImplementedError
+
+    def check_compatible(self, method: Method) -> None:
+        """Raises UserError when this store cannot hold what `method` keeps."""
+
+
+def window_attention(observations: LayerObservations, cache: DenseKVCache, config: ModelConfig,
+                     window: int):
+    """Attention of the last `window` context queries over the whole context (keys of the
+    window included, causal inside it, softmax in float32): [batch, kv_heads, group, window,
+    slots], with rows of unfilled window entries zeroed (contexts shorter than the window).
+    A sliding-window model (Mistral) scores only what its queries can see; kvpress ignores the
+    model's sliding window here."""
+    queries = observations.window_queries[:, -window:]
+    query_positions = observations.window_positions[:, -window:]
+    batch, _, heads, head_dim = queries.shape
     grouped = queries.reshape(batch, window, config.num_kv_heads, heads // config.num_kv_heads,
                               head_dim)
-    query_positions = observations.window_positions
     logits = jnp.einsum("bwhgd,bhsd->bhgws", grouped, cache.keys.astype(jnp.float32)) / jnp.sqrt(
         jnp.float32(head_dim))
     mask = cache.visibility(query_positions, config.sliding_window)[:, :, None]

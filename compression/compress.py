@@ -13,16 +13,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compression.base import Budget, Method
+from compression.base import Budget, Method, Store
+from compression.decode_eviction import DecodeEviction, EvictingKVCache
 from compression.select import keep_per_head, keep_per_layer, round_up
+from engine.errors import UserError
 from engine.kv_state import DenseKVCache, KVState, SegmentedCache
 from models.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class Compression:
+    """An eviction method, its budget and optionally a store for what is kept (`snapkv+kivi2`).
+    With `decode_eviction` the budget holds for the whole cache during generation (the prompt is
+    compressed to it, then each step evicts one token)."""
+
     method: Method
     budget: Budget
+    decode_eviction: bool = False
+    store: Store | None = None
+
+    def __post_init__(self):
+        if self.store is not None:
+            self.store.check_compatible(self.method)
+            if self.decode_eviction:
+                raise UserError("decode-time eviction does not compose with a store")
+        if self.decode_eviction:
+            if not hasattr(self.method, "decode_scores"):
+                raise UserError(f"{type(self.method).__name__} has no decode-time eviction; "
+                                "use streamingllm, h2o or tova")
+            if self.budget.tokens is None:
+                raise UserError("decode-time eviction needs --kv_budget (tokens kept)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,29 +64,49 @@ class Plan:
             floors = np.vectorize(method.safeguard)(n_kept).astype(np.int32)
             streams = kv_heads
         capacities = tuple(round_up(int(streams * row.max())) for row in n_kept)
+        if compression.decode_eviction:  # one spare slot takes each new token before eviction
+            capacities = (round_up(compression.budget.tokens + 1),) * num_layers
         return cls(n_kept, floors, capacities)
 
 
-@functools.partial(jax.jit, static_argnames=("method", "config", "capacities", "recent_capacity"),
-                   donate_argnames=("kv_state",))
-def compress(method: Method, config: ModelConfig, kv_state: KVState, observations,
+@functools.partial(jax.jit, static_argnames=("compression", "config", "capacities",
+                                             "recent_capacity"))
+def compress(compression: Compression, config: ModelConfig, kv_state: KVState, observations,
              context_lengths, n_kept, floors, capacities: tuple[int, ...],
              recent_capacity: int) -> KVState:
-    """Returns the KV state with every layer a `SegmentedCache` (compressed context + recent)."""
+    """Returns the KV state with every layer a `SegmentedCache` (compressed context + recent),
+    or an `EvictingKVCache` with decode-time eviction."""
+    method = compression.method
     layers = []
     for i, cache in enumerate(kv_state.layers):
-        scores = method.score(None if observations is None else observations[i], cache,
-                              context_lengths, config)
+        observed = None if observations is None else observations[i]
+        scores = method.score(observed, cache, context_lengths, config)
         if method.head_wise:
             context = keep_per_layer(cache, scores, n_kept[i], floors[i], capacities[i])
         else:
             context = keep_per_head(cache, scores, n_kept[i], capacities[i])
+        if compression.decode_eviction:
+            layers.append(EvictingKVCache(context, _kept_attention_sums(observed, context),
+                                          DecodeEviction(method, compression.budget.tokens)))
+            continue
         batch, kv_heads, _, head_dim = cache.keys.shape
         recent = DenseKVCache.empty(batch, kv_heads, recent_capacity, head_dim, cache.keys.dtype)
-        layers.append(SegmentedCache(context, recent))
+        layer = SegmentedCache(context, recent)
+        if compression.store is not None:
+            layer = compression.store.convert(layer, config, compression.budget)
+        layers.append(layer)
     return KVState(layers=tuple(layers), next_positions=kv_state.next_positions)
+
+
+def _kept_attention_sums(observed, context: DenseKVCache):
+    """The prefill's attention sums of the kept tokens (H2O), zeros for other methods. During
+    the prefill slot == position, so the kept positions index the sums."""
+    if observed is None or observed.column_sums is None:
+        return jnp.zeros(context.positions.shape, jnp.float32)
+    slots = jnp.maximum(context.positions, 0)
+    return jnp.take_along_axis(observed.column_sums, slots, axis=2)
 
 
 def context_bytes(kv_state: KVState) -> int:
     """Bytes of the compressed context segments (what compression saves on)."""
-    return sum(layer.context.nbytes() for layer in kv_state.layers)
+    return sum(getattr(layer, "context", layer).nbytes() for layer in kv_state.layers)

@@ -7,9 +7,11 @@ query heads of each GQA group. Nothing is forced.
 The column sums come from the prefill's own attention, chunk by chunk (no N x N matrix is kept).
 Deviation: kvpress rounds the divisor n - j to bfloat16; here it is exact.
 
-The decode-time variant (`compression.decode_eviction`) follows the paper: scores accumulate the
-attention of every new query; once the cache is full, the lowest-scoring token outside the most
-recent `recent` ones is evicted.
+The decode-time variant (`compression.decode_eviction`) follows the paper's heavy-hitter + recent
+split (half of the budget each, the paper's equal-ratio setting): the most recent budget // 2
+tokens are never evicted; among the others the one with the lowest accumulated attention goes.
+Accumulated attention is normalised by the number of queries that saw each token, as in the
+prefill score (the paper's code sums without dividing).
 """
 
 import dataclasses
@@ -29,3 +31,9 @@ class H2O(Method):
     def score(self, observations, cache, context_lengths, config):
         seen_by = (context_lengths[:, None, None] - cache.positions).astype(jnp.float32)
         return observations.column_sums / jnp.maximum(seen_by, 1.0) / config.queries_per_kv_head
+
+    def decode_scores(self, cache, probs, attention_sums, query_positions, budget):
+        now = query_positions[:, -1][:, None, None]
+        seen_by = jnp.maximum(now - cache.positions + 1, 1).astype(jnp.float32)
+        recent = cache.positions > now - budget // 2
+        return jnp.where(recent, jnp.inf, attention_sums / seen_by)

@@ -32,7 +32,7 @@ class Needs:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerObservations:
-    window_queries: jax.Array | None = None  # [batch, W, heads, head_dim], oldest first
+    window_queries: jax.Array | None = None  # [batch, W, heads, head_dim], newest last
     window_positions: jax.Array | None = None  # [batch, W] int32, -1 where unfilled
     query_sum: jax.Array | None = None  # [batch, heads, head_dim] float32
     query_outer: jax.Array | None = None  # [batch, heads, head_dim, head_dim] float32
@@ -75,15 +75,17 @@ class LayerObservations:
 
 
 def _keep_last(kept, kept_positions, new, new_positions):
-    """The last W valid entries of (kept ++ new) per row, oldest first; a position of -1 marks
-    an empty or padding entry. kept: [b, W, ...]; new: [b, t, ...]."""
+    """The last W valid entries of (kept ++ new) per row, oldest first and right-aligned (the
+    newest in the last slot); a position of -1 marks an empty entry. kept: [b, W, ...];
+    new: [b, t, ...]."""
     window = kept.shape[1]
     values = jnp.concatenate([kept, new], axis=1)
     positions = jnp.concatenate([kept_positions, new_positions], axis=1)
     present = positions >= 0
+    total = present.sum(axis=1, keepdims=True)
     rank = jnp.cumsum(present, axis=1) - 1
-    first_kept = jnp.maximum(present.sum(axis=1, keepdims=True) - window, 0)
-    slot = jnp.where(present & (rank >= first_kept), rank - first_kept, window)
+    slot = rank - total + window  # right-aligned: the newest entry lands in the last slot
+    slot = jnp.where(present & (slot >= 0), slot, window)
     rows = jnp.arange(values.shape[0])[:, None]
     out = jnp.zeros_like(kept).at[rows, slot].set(values, mode="drop")
     out_positions = jnp.full_like(kept_positions, -1).at[rows, slot].set(positions, mode="drop")

@@ -1,11 +1,13 @@
 """Maps `--compress` names to compression methods.
 
 `NAME` picks a method with its paper's defaults; `WRAPPER:NAME` composes a wrapper (a method that
-allocates budgets) with a scorer, e.g. `adakv:snapkv`.
+allocates budgets) with a scorer, e.g. `adakv:snapkv`; `EVICTION+STORE` stores what an eviction
+method keeps in a store (quantized, paged), e.g. `snapkv+kivi2`; a store alone keeps everything.
 """
 
 from compression.adakv import AdaKV
-from compression.base import Method
+from compression.base import Budget, KeepAll, Method, Store
+from compression.compress import Compression
 from compression.expected_attention import ExpectedAttention
 from compression.h2o import H2O
 from compression.knorm import KNorm
@@ -27,7 +29,18 @@ SCORERS: dict[str, type[Method]] = {
     "random": Random,
 }
 WRAPPERS: dict[str, type[Method]] = {"adakv": AdaKV}
-NAMES = ["none", *SCORERS, *WRAPPERS]
+STORES: dict[str, type[Store]] = {}
+NAMES = ["none", *SCORERS, *WRAPPERS, *STORES]
+
+
+def parse(spec: str) -> tuple[Method | None, Store | None]:
+    """(eviction method or None, store or None) named by `spec`."""
+    eviction, plus, store = spec.partition("+")
+    if not plus and spec in STORES:
+        return None, STORES[spec]()
+    if plus and store not in STORES:
+        raise UserError(f"unknown store {store!r} after '+'; available: {', '.join(STORES)}")
+    return get_method(eviction), STORES[store]() if plus else None
 
 
 def get_method(spec: str) -> Method | None:
@@ -35,13 +48,27 @@ def get_method(spec: str) -> Method | None:
     if spec == "none":
         return None
     parts = spec.split(":")
-    unknown = [p for p in parts if p not in SCORERS and p not in WRAPPERS]
+    unknown = [p for p in parts if p not in SCORERS and p not in WRAPPERS and p not in STORES]
     if unknown:
         raise UserError(f"unknown compression method {unknown[0]!r}; available: {', '.join(NAMES)}"
                         " (compose as wrapper:scorer, e.g. adakv:snapkv)")
+    if len(parts) == 1 and spec in STORES:
+        raise UserError(f"{spec!r} is a store; compose it after an eviction method with '+' "
+                        "or use it alone")
     if len(parts) == 1:
         return (SCORERS.get(spec) or WRAPPERS[spec])()
     if len(parts) != 2 or parts[0] not in WRAPPERS or parts[1] not in SCORERS:
         raise UserError(f"cannot compose {spec!r}: write wrapper:scorer with a wrapper from "
                         f"{', '.join(WRAPPERS)} and a scorer from {', '.join(SCORERS)}")
     return WRAPPERS[parts[0]](SCORERS[parts[1]]())
+
+
+def make_compression(spec: str, budget: Budget | None, decode_eviction: bool = False):
+    """The `Compression` named by `spec` with `budget` (None for `none`). A store alone keeps
+    every token; its budget (if any) is the store's own, e.g. Quest's tokens read per step."""
+    method, store = parse(spec)
+    if method is None and store is None:
+        if budget is not None:
+            raise UserError("--compression_ratio and --kv_budget need a --compress method")
+        return None
+    return Compression(method or KeepAll(), budget or Budget(ratio=0.0), decode_eviction, store)

@@ -30,10 +30,10 @@ def avg_pool_same(x, kernel: int):
                                  (1,) * x.ndim, "VALID") / kernel
 
 
-def window_scores(observations, cache, context_lengths, config, kernel_size: int):
+def window_scores(observations, cache, context_lengths, config, window: int, kernel_size: int):
     """Steps 1-4 above, with the window tokens (and anything past the context) scored 0."""
-    probs = window_attention(observations, cache, config)  # [b, h, g, w, slots]
-    filled = (observations.window_positions >= 0).sum(axis=1)  # window length per row
+    probs = window_attention(observations, cache, config, window)  # [b, h, g, w, slots]
+    filled = (observations.window_positions[:, -window:] >= 0).sum(axis=1)  # per row
     attention = probs.sum(axis=3) / filled[:, None, None, None]
     before_window = cache.positions < (context_lengths - filled)[:, None, None]
     attention = jnp.where(before_window[:, :, None, :], attention, 0.0)
@@ -50,5 +50,5 @@ class SnapKV(Method):
 
     def score(self, observations, cache, context_lengths, config):
         scores, before_window = window_scores(observations, cache, context_lengths, config,
-                                              self.kernel_size)
+                                              self.window_size, self.kernel_size)
         return jnp.where(before_window, scores, FORCED)

@@ -22,6 +22,6 @@ class StreamingLLM(Method):
         recency = cache.positions.astype(jnp.float32)
         return jnp.where(cache.positions < self.n_sink, FORCED, recency)
 
-    def decode_scores(self, cache, probs):
-        """Decode-time eviction: the same rule on the live cache."""
+    def decode_scores(self, cache, probs, attention_sums, query_positions, budget):
+        """Decode-time eviction: the oldest token after the sinks goes first."""
         return self.score(None, cache, None, None)

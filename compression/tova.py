@@ -23,11 +23,12 @@ class TOVA(Method):
         return Needs(window=1)
 
     def score(self, observations, cache, context_lengths, config):
-        probs = window_attention(observations, cache, config)[:, :, :, 0]  # [b, h, g, slots]
+        probs = window_attention(observations, cache, config, 1)[:, :, :, 0]  # [b, h, g, slots]
         averaged = jnp.broadcast_to(probs.mean(axis=(1, 2))[:, None], cache.positions.shape)
         last = cache.positions == (context_lengths - 1)[:, None, None]
         return jnp.where(last, FORCED, averaged)
 
-    def decode_scores(self, cache, probs):
-        """probs: the current query's attention [b, h, g, slots]."""
-        return jnp.broadcast_to(probs.mean(axis=(1, 2))[:, None], cache.positions.shape)
+    def decode_scores(self, cache, probs, attention_sums, query_positions, budget):
+        """The current query's attention (probs [b, h, g, 1, slots]) averaged over all heads."""
+        return jnp.broadcast_to(probs[:, :, :, -1].mean(axis=(1, 2))[:, None],
+                                cache.positions.shape)

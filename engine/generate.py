@@ -19,7 +19,7 @@ from absl import app, flags, logging
 from checkpoints_convert.load import load_checkpoint
 from compression.base import Budget
 from compression.compress import Compression
-from compression.registry import NAMES, get_method
+from compression.registry import NAMES, make_compression, parse
 from engine.errors import UserError
 from engine.generation import generate
 from engine.sampling import Sampling
@@ -47,6 +47,9 @@ _RATIO = flags.DEFINE_float("compression_ratio", None,
                             "Fraction of the context's KV removed, in [0, 1) (default 0.5).")
 _KV_BUDGET = flags.DEFINE_integer("kv_budget", None,
                                   "Context tokens kept per layer and kv-head (instead of a ratio).")
+_DECODE_EVICTION = flags.DEFINE_bool(
+    "decode_eviction", False, "Keep the whole cache within --kv_budget while generating "
+    "(streamingllm, h2o, tova); the question is then part of what is compressed.")
 
 
 def _dtype():
@@ -74,13 +77,12 @@ def _context_text() -> str:
 
 
 def _compression() -> Compression | None:
-    method = get_method(_COMPRESS.value)
-    if method is None:
-        if _RATIO.value is not None or _KV_BUDGET.value is not None:
-            raise UserError("--compression_ratio and --kv_budget need a --compress method")
-        return None
-    ratio = _RATIO.value if _RATIO.value is not None or _KV_BUDGET.value is not None else 0.5
-    return Compression(method, Budget(ratio=ratio, tokens=_KV_BUDGET.value))
+    budget = None
+    if _RATIO.value is not None or _KV_BUDGET.value is not None:
+        budget = Budget(ratio=_RATIO.value, tokens=_KV_BUDGET.value)
+    elif parse(_COMPRESS.value)[0] is not None:
+        budget = Budget(ratio=0.5)
+    return make_compression(_COMPRESS.value, budget, _DECODE_EVICTION.value)
 
 
 def _split_chat(tokenizer, context: str, question: str) -> tuple[str, str]:

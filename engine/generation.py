@@ -59,6 +59,7 @@ class GenerationResult:
     kv_bytes: int  # the whole KV state held while decoding
     context_kv_bytes_before: int  # the context's KV as prefilled (n tokens, full precision)
     context_kv_bytes_after: int  # the context's KV as kept (equal to before without compression)
+    kv_state: KVState  # as it stands after the last generated token was fed
 
 
 @functools.partial(jax.jit, static_argnames=("config", "needs"), donate_argnames=("kv_state",))
@@ -180,6 +181,83 @@ def _trim(row: np.ndarray, eos_ids) -> list[int]:
     return out
 
 
+def new_observations(needs, config: ModelConfig, batch: int, capacity: int):
+    return tuple(LayerObservations.empty(needs, batch, config.num_heads, config.num_kv_heads,
+                                         config.head_dim, capacity)
+                 for _ in range(config.num_layers))
+
+
+def compress_contexts(compiler: Compiler, compression: Compression, config: ModelConfig,
+                      kv_state: KVState, observations, context_lengths: list[int],
+                      after_context: int) -> KVState:
+    """Compresses each prefilled context to its budget; `after_context` slots stay free for the
+    question and the generated tokens."""
+    plan = Plan.make(compression, context_lengths, config.num_layers, config.num_kv_heads)
+    args = (compression, config, kv_state, observations,
+            jnp.asarray(context_lengths, jnp.int32), jnp.asarray(plan.n_kept),
+            jnp.asarray(plan.floors))
+    static = dict(capacities=plan.capacities, recent_capacity=after_context)
+    return compiler(compress, *args, **static)(*args[2:])
+
+
+def feed_questions(compiler: Compiler, params, config, questions: list[list[int]],
+                   kv_state: KVState, logits):
+    """Appends the questions (never compressed); rows without one keep their context logits."""
+    if not any(questions):
+        return logits, kv_state
+    question_logits, kv_state, _ = prefill(compiler, params, config,
+                                           [q or [0] for q in questions], kv_state)
+    has_question = jnp.asarray([bool(q) for q in questions])[:, None]
+    return jnp.where(has_question, question_logits, logits), kv_state
+
+
+def decode(compiler: Compiler, params, config, sampling: Sampling, logits, kv_state: KVState,
+           max_new_tokens: int, seed: int, on_token=None) -> DecodeState:
+    """Samples the first token from `logits`, then runs the decode loop (compiled, or step by
+    step with `on_token` for streaming)."""
+    state = _first_token(logits, jax.random.key(seed), sampling, max_new_tokens, kv_state)
+    decode_fn = compiler(decode_loop if on_token is None else decode_step_jit, params, config,
+                         sampling, state)
+    if on_token is None:
+        return decode_fn(params, state)
+    eos = set(config.eos_token_ids)
+    token = int(np.asarray(state.tokens)[0, 0])
+    on_token(token)
+    for step in range(1, max_new_tokens):
+        if token in eos:
+            break
+        state = decode_fn(params, state)
+        token = int(np.asarray(state.tokens)[0, step])  # whole-array copy: no per-step compile
+        on_token(token)
+    return state
+
+
+def generated_tokens(state: DecodeState, config: ModelConfig) -> list[list[int]]:
+    eos = set(config.eos_token_ids)
+    return [_trim(row, eos) for row in np.asarray(state.tokens)]
+
+
+class Stopwatch:
+    """Wall time of a stage, device work included, compilation (counted by `compiler`) not."""
+
+    def __init__(self, compiler: Compiler):
+        self.compiler = compiler
+
+    def __enter__(self):
+        jax.effects_barrier()
+        self.start, self.compiled_before = time.perf_counter(), self.compiler.seconds
+        return self
+
+    def stop(self, *results) -> float:
+        jax.block_until_ready(results)
+        compiling = self.compiler.seconds - self.compiled_before
+        self.seconds = time.perf_counter() - self.start - compiling
+        return self.seconds
+
+    def __exit__(self, *exc):
+        return False
+
+
 def generate(params: ModelParams, config: ModelConfig, prompts: list[list[int]],
              max_new_tokens: int, sampling: Sampling = Sampling(), seed: int = 0,
              on_token: Callable[[int], None] | None = None, kv_dtype=None,
@@ -192,6 +270,8 @@ def generate(params: ModelParams, config: ModelConfig, prompts: list[list[int]],
     Every program is compiled ahead of time, so the reported speeds exclude compilation.
     """
     questions = questions or [[] for _ in prompts]
+    if compression is not None and compression.decode_eviction:  # the budget covers everything
+        prompts, questions = [p + q for p, q in zip(prompts, questions)], [[] for _ in prompts]
     check_lengths(config, prompts, questions, max_new_tokens)
     if on_token is not None and len(prompts) != 1:
         raise UserError("streaming generates one prompt at a time")
@@ -202,68 +282,34 @@ def generate(params: ModelParams, config: ModelConfig, prompts: list[list[int]],
     per_token = config.kv_bytes_per_token(jnp.dtype(kv_dtype).itemsize)
     compiler = Compiler()
 
-    start = time.perf_counter()
-    kv_state = KVState.empty(config, batch, padded_length + (0 if compression else after_context),
-                             kv_dtype)
-    needs, observations = None, None
-    if compression is not None and compression.method.needs().any():
-        needs = compression.method.needs()
-        observations = tuple(
-            LayerObservations.empty(needs, batch, config.num_heads, config.num_kv_heads,
-                                    config.head_dim, padded_length)
-            for _ in range(config.num_layers))
-    logits, kv_state, observations = prefill(compiler, params, config, prompts, kv_state, needs,
-                                             observations)
-    logits.block_until_ready()
-    prefill_seconds = time.perf_counter() - start - compiler.seconds
-
-    compression_seconds = 0.0
-    context_after = sum(context_lengths) * per_token
+    with Stopwatch(compiler) as prefill_time:
+        kv_state = KVState.empty(config, batch,
+                                 padded_length + (0 if compression else after_context), kv_dtype)
+        needs = compression.method.needs() if compression else None
+        needs = needs if needs and needs.any() else None
+        observations = needs and new_observations(needs, config, batch, padded_length)
+        logits, kv_state, observations = prefill(compiler, params, config, prompts, kv_state,
+                                                 needs, observations)
+        prefill_time.stop(logits)
+    compression_seconds, context_after = 0.0, sum(context_lengths) * per_token
     if compression is not None:
-        plan = Plan.make(compression, context_lengths, config.num_layers, config.num_kv_heads)
-        args = (compression.method, config, kv_state, observations,
-                jnp.asarray(context_lengths, jnp.int32), jnp.asarray(plan.n_kept),
-                jnp.asarray(plan.floors))
-        static = dict(capacities=plan.capacities, recent_capacity=after_context)
-        compress_fn = compiler(compress, *args, **static)
-        start = time.perf_counter()
-        kv_state = compress_fn(*args[2:])
-        jax.block_until_ready(kv_state)
-        compression_seconds = time.perf_counter() - start
+        with Stopwatch(compiler) as compress_time:
+            kv_state = compress_contexts(compiler, compression, config, kv_state, observations,
+                                         context_lengths, after_context)
+            compression_seconds = compress_time.stop(kv_state)
         context_after = context_bytes(kv_state)
-
-    if any(questions):
-        compile_before = compiler.seconds
-        start = time.perf_counter()
-        question_logits, kv_state, _ = prefill(compiler, params, config,
-                                               [q or [0] for q in questions], kv_state)
-        has_question = jnp.asarray([bool(q) for q in questions])[:, None]
-        logits = jnp.where(has_question, question_logits, logits)
-        logits.block_until_ready()
-        prefill_seconds += time.perf_counter() - start - (compiler.seconds - compile_before)
-
-    state = _first_token(logits, jax.random.key(seed), sampling, max_new_tokens, kv_state)
-    decode_fn = compiler(decode_loop if on_token is None else decode_step_jit, params, config,
-                         sampling, state)
-    start = time.perf_counter()
-    eos = set(config.eos_token_ids)
-    if on_token is None:
-        state = decode_fn(params, state)
-    else:
-        token = int(np.asarray(state.tokens)[0, 0])
-        on_token(token)
-        for step in range(1, max_new_tokens):
-            if token in eos:
-                break
-            state = decode_fn(params, state)
-            token = int(np.asarray(state.tokens)[0, step])  # whole-array copy: no per-step compile
-            on_token(token)
-    tokens = np.asarray(state.tokens)
-    decode_seconds = time.perf_counter() - start
+    with Stopwatch(compiler) as question_time:
+        logits, kv_state = feed_questions(compiler, params, config, questions, kv_state, logits)
+        question_time.stop(logits)
+    with Stopwatch(compiler) as decode_time:
+        state = decode(compiler, params, config, sampling, logits, kv_state, max_new_tokens, seed,
+                       on_token)
+        decode_time.stop(state.tokens)
     return GenerationResult(
-        tokens=[_trim(row, eos) for row in tokens],
+        tokens=generated_tokens(state, config),
         prompt_tokens=sum(context_lengths) + sum(len(q) for q in questions),
-        compile_seconds=compiler.seconds, prefill_seconds=prefill_seconds + compression_seconds,
-        compression_seconds=compression_seconds, decode_seconds=decode_seconds,
+        compile_seconds=compiler.seconds,
+        prefill_seconds=prefill_time.seconds + compression_seconds + question_time.seconds,
+        compression_seconds=compression_seconds, decode_seconds=decode_time.seconds,
         kv_bytes=state.kv_state.nbytes(), context_kv_bytes_before=sum(context_lengths) * per_token,
-        context_kv_bytes_after=context_after)
+        context_kv_bytes_after=context_after, kv_state=state.kv_state)

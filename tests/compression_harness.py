@@ -6,6 +6,9 @@ read back as the kept positions of each (layer, kv-head) stream, for comparison 
 transcriptions of each paper's algorithm.
 """
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -57,23 +60,31 @@ def engine_kept_positions(config: ModelConfig, compression: Compression, layers,
             piece = lambda x: jnp.asarray(np.pad(x[:, start:start + chunk],
                                                  [(0, 0), (0, max(0, start + chunk - n)), (0, 0),
                                                   (0, 0)]))
-            positions, valid = jnp.asarray(positions, jnp.int32), jnp.asarray(valid)
-            cache = cache.append(piece(layer["k"]), piece(layer["v"]), positions, valid)
-            _, _, probs = cache.partial(group_queries(piece(layer["q"]), config.num_kv_heads),
-                                        positions)
-            if needs.any():
-                observed = observed.update(needs, piece(layer["q_pre"]), piece(layer["q"]),
-                                           probs, positions, valid)
+            cache, observed = _prefill_chunk(
+                needs, cache, observed, piece(layer["q_pre"]), piece(layer["q"]),
+                piece(layer["k"]), piece(layer["v"]), jnp.asarray(positions, jnp.int32),
+                jnp.asarray(valid))
         states.append(cache)
         observations.append(observed)
     plan = Plan.make(compression, lengths, config.num_layers, config.num_kv_heads)
     kv_state = KVState(layers=tuple(states), next_positions=jnp.asarray(lengths, jnp.int32))
-    compressed = compress(compression.method, config, kv_state,
+    compressed = compress(compression, config, kv_state,
                           tuple(observations) if needs.any() else None,
                           jnp.asarray(lengths, jnp.int32), jnp.asarray(plan.n_kept),
                           jnp.asarray(plan.floors), capacities=plan.capacities,
                           recent_capacity=16)
     return [kept_positions(layer.context, config.num_kv_heads) for layer in compressed.layers]
+
+
+@functools.partial(jax.jit, static_argnames=("needs",))
+def _prefill_chunk(needs, cache, observed, q_pre, q, k, v, positions, valid):
+    """One prefill chunk: append its keys and values, attend, record the observations (jitted
+    only to keep the tests fast; the engine's prefill is jitted too)."""
+    cache = cache.append(k, v, positions, valid)
+    _, _, probs = cache.partial(group_queries(q, cache.keys.shape[1]), positions)
+    if needs.any():
+        observed = observed.update(needs, q_pre, q, probs, positions, valid)
+    return cache, observed
 
 
 def kept_positions(context, kv_heads: int):

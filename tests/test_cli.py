@@ -63,3 +63,27 @@ def test_default_model_answers_a_question():
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert "decode" in result.stdout and "KV cache" in result.stdout
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--compress=snapkv", "--compression_ratio=1.0"], "[0, 1)"),
+    (["--compress=snapkv", "--compression_ratio=-0.1"], "[0, 1)"),
+    (["--compress=snapkv", "--kv_budget=0"], "positive"),
+    (["--compress=snapkv", "--kv_budget=-5"], "positive"),
+    (["--compress=snapkv:adakv"], "compose"),
+    (["--compress=adakv:adakv"], "compose"),
+    (["--compress=knorm", "--kv_budget=64", "--decode_eviction"], "decode-time"),
+    (["--compress=tova", "--compression_ratio=0.5", "--decode_eviction"], "kv_budget"),
+    (["--compression_ratio=0.5"], "need a --compress"),
+])
+def test_bad_compression_flags(flags, fragment):
+    assert_one_line_error(run_cli("--prompt=hi", *flags), fragment)
+
+
+def test_compressed_run_reports_smaller_context_kv():
+    result = run_cli("--context=" + "Alice met Bob at the market. " * 60,
+                     "--question=Who met Bob?", "--compress=pyramidkv",
+                     "--compression_ratio=0.75", "--max_new_tokens=5")
+    assert result.returncode == 0, result.stderr
+    before, after = result.stdout.split("context KV ")[1].split(" | ")[0].split(" -> ")
+    assert float(after.split()[0]) < 0.3 * float(before.split()[0])
