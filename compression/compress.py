@@ -68,6 +68,10 @@ class Plan:
             capacities = (round_up(compression.budget.tokens + 1),) * num_layers
         return cls(n_kept, floors, capacities)
 
+    def rows(self, rows: slice) -> "Plan":
+        """The plan of some of the batch's rows, with the whole batch's capacities."""
+        return Plan(self.n_kept[:, rows], self.floors[:, rows], self.capacities)
+
 
 @functools.partial(jax.jit, static_argnames=("compression", "config", "capacities",
                                              "recent_capacity"))

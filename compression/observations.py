@@ -56,7 +56,8 @@ class LayerObservations:
 
     def update(self, needs: Needs, queries_pre_rope, queries, probs, positions, valid):
         """Adds one chunk: queries [b, t, heads, d] (before and after RoPE), attention
-        probabilities [b, kv_heads, group, t, slots], positions and valid [b, t]."""
+        probabilities [b, kv_heads, group, t, slots] (None unless `needs.column_sums`),
+        positions and valid [b, t]."""
         new = {}
         if needs.window:
             new["window_queries"], new["window_positions"] = _keep_last(

@@ -39,3 +39,18 @@ def merge(parts):
     total = jax.nn.logsumexp(lses, axis=0)
     weights = jnp.exp(lses - total)
     return sum(w[..., None] * out for w, (out, _) in zip(weights, parts))
+
+
+def causal_self_attention(queries, keys, values, lengths, sliding_window: int | None = None):
+    """Causal attention of a prompt's tokens over themselves (a prefill from an empty cache):
+    queries [b, t, heads, d], keys and values [b, t, kv_heads, d], lengths [b] valid tokens.
+
+    On GPU with 16-bit inputs this is cuDNN's fused flash attention (no t x t scores in memory);
+    elsewhere XLA's. Padding queries (past `lengths`) come out as zeros.
+    """
+    fused = jax.default_backend() == "gpu" and queries.dtype in (jnp.bfloat16, jnp.float16)
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    return jax.nn.dot_product_attention(
+        queries, keys, values, is_causal=True, query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths, local_window_size=window,
+        implementation="cudnn" if fused else None)

@@ -105,7 +105,7 @@ def evaluate_batch(checkpoint, samples, settings, max_new_tokens, kl_tokens):
     needs = needs if needs.any() else None
     compiler = Compiler()
     kv_state = KVState.empty(config, len(samples), padded + after, params.embed.dtype)
-    observations = needs and new_observations(needs, config, len(samples), padded)
+    observations = needs and new_observations(needs, config, len(samples), padded + after)
     logits, full_state, observations = prefill(compiler, params, config, contexts, kv_state,
                                                needs, observations)
 

@@ -62,21 +62,23 @@ class GenerationResult:
     kv_state: KVState  # as it stands after the last generated token was fed
 
 
-@functools.partial(jax.jit, static_argnames=("config", "needs"), donate_argnames=("kv_state",))
+@functools.partial(jax.jit, static_argnames=("config", "needs", "fresh"),
+                   donate_argnames=("kv_state",))
 def extend(params: ModelParams, config: ModelConfig, tokens, valid, kv_state: KVState,
-           needs=None, observations=None):
+           needs=None, observations=None, fresh: bool = False):
     """Runs one chunk of new tokens; returns each row's logits at its last valid token, the KV
-    state and, when a compression method watches (`needs`), the updated observations."""
+    state and, when a compression method watches (`needs`), the updated observations.
+    `fresh`: the KV state is empty and the chunk is the whole prompt."""
     hidden, kv_state, observations = llama.forward(params, config, tokens, valid, kv_state, needs,
-                                                   observations)
+                                                   observations, fresh)
     last = jnp.maximum(valid.sum(axis=1) - 1, 0)
     last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     return llama.logits(params, last_hidden), kv_state, observations
 
 
-def pad_prompts(prompts: list[list[int]]) -> np.ndarray:
-    """Right-pads prompts to one bucketed length: [batch, bucket(longest)] int32."""
-    padded = np.zeros((len(prompts), bucket(max(len(p) for p in prompts))), np.int32)
+def pad_prompts(prompts: list[list[int]], length: int | None = None) -> np.ndarray:
+    """Right-pads prompts to `length` (default: the bucket of the longest): [batch, length]."""
+    padded = np.zeros((len(prompts), length or bucket(max(len(p) for p in prompts))), np.int32)
     for row, prompt in enumerate(prompts):
         padded[row, :len(prompt)] = prompt
     return padded
@@ -96,16 +98,19 @@ class Compiler:
 
 
 def prefill(compiler: Compiler, params, config, prompts: list[list[int]], kv_state: KVState,
-            needs=None, observations=None):
-    """Feeds right-padded prompts through `extend` chunk by chunk; returns each row's last-token
-    logits, the KV state and the observations (when `needs`)."""
+            needs=None, observations=None, padded_length: int | None = None, fresh=False):
+    """Feeds right-padded prompts through `extend`; returns each row's last-token logits, the KV
+    state and the observations (when `needs`). A `fresh` (empty) KV state takes the whole prompt
+    in one fused pass unless a scorer needs the attention probabilities (H2O); otherwise the
+    prompt goes in chunks of PREFILL_CHUNK tokens attending to the cache."""
     lengths = np.array([len(p) for p in prompts])
     longest = int(lengths.max())
-    padded = pad_prompts(prompts)
-    chunk = min(PREFILL_CHUNK, padded.shape[1])
+    padded = pad_prompts(prompts, padded_length)
+    fresh = fresh and not (needs is not None and needs.column_sums)
+    chunk = padded.shape[1] if fresh else min(PREFILL_CHUNK, padded.shape[1])
     spec = jax.ShapeDtypeStruct((len(prompts), chunk), jnp.int32)
     extend_fn = compiler(extend, params, config, spec, spec.update(dtype=bool), kv_state, needs,
-                         observations)
+                         observations, fresh)
     last_logits = None
     for start in range(0, longest, chunk):
         valid = np.arange(start, start + chunk)[None, :] < lengths[:, None]
@@ -189,10 +194,11 @@ def new_observations(needs, config: ModelConfig, batch: int, capacity: int):
 
 def compress_contexts(compiler: Compiler, compression: Compression, config: ModelConfig,
                       kv_state: KVState, observations, context_lengths: list[int],
-                      after_context: int) -> KVState:
+                      after_context: int, plan: Plan | None = None) -> KVState:
     """Compresses each prefilled context to its budget; `after_context` slots stay free for the
-    question and the generated tokens."""
-    plan = Plan.make(compression, context_lengths, config.num_layers, config.num_kv_heads)
+    question and the generated tokens. `plan` defaults to the plan of these contexts alone."""
+    plan = plan or Plan.make(compression, context_lengths, config.num_layers,
+                             config.num_kv_heads)
     args = (compression, config, kv_state, observations,
             jnp.asarray(context_lengths, jnp.int32), jnp.asarray(plan.n_kept),
             jnp.asarray(plan.floors))
@@ -258,16 +264,25 @@ class Stopwatch:
         return False
 
 
+@functools.partial(jax.jit, static_argnames=("start",), donate_argnames=("whole",))
+def _write_rows(whole, part, start: int):
+    return jax.tree.map(lambda w, p: jax.lax.dynamic_update_slice_in_dim(w, p, start, 0),
+                        whole, part)
+
+
 def generate(params: ModelParams, config: ModelConfig, prompts: list[list[int]],
              max_new_tokens: int, sampling: Sampling = Sampling(), seed: int = 0,
              on_token: Callable[[int], None] | None = None, kv_dtype=None,
              compression: Compression | None = None,
-             questions: list[list[int]] | None = None) -> GenerationResult:
+             questions: list[list[int]] | None = None,
+             prefill_batch: int | None = None) -> GenerationResult:
     """Generates up to `max_new_tokens` after each prompt (the context) and its question.
 
     With `compression`, each context's KV is compressed after its prefill; the question is
     appended after compression and never compressed. `on_token(id)` streams a one-row batch.
-    Every program is compiled ahead of time, so the reported speeds exclude compilation.
+    `prefill_batch` prefills (and compresses) that many contexts at a time, so a compressed batch
+    can be larger than one whose full-size caches fit at once. Every program is compiled ahead of
+    time, so the reported speeds exclude compilation.
     """
     questions = questions or [[] for _ in prompts]
     if compression is not None and compression.decode_eviction:  # the budget covers everything
@@ -281,23 +296,38 @@ def generate(params: ModelParams, config: ModelConfig, prompts: list[list[int]],
     context_lengths = [len(p) for p in prompts]
     per_token = config.kv_bytes_per_token(jnp.dtype(kv_dtype).itemsize)
     compiler = Compiler()
-
-    with Stopwatch(compiler) as prefill_time:
-        kv_state = KVState.empty(config, batch,
+    needs = compression.method.needs() if compression else None
+    needs = needs if needs and needs.any() else None
+    plan = compression and Plan.make(compression, context_lengths, config.num_layers,
+                                     config.num_kv_heads)
+    group = min(prefill_batch or batch, batch)
+    prefill_seconds = compression_seconds = 0.0
+    logits = kv_state = None
+    for start in range(0, batch, group):
+        rows = slice(start, start + group)
+        size = len(prompts[rows])
+        with Stopwatch(compiler) as prefill_time:
+            part = KVState.empty(config, size,
                                  padded_length + (0 if compression else after_context), kv_dtype)
-        needs = compression.method.needs() if compression else None
-        needs = needs if needs and needs.any() else None
-        observations = needs and new_observations(needs, config, batch, padded_length)
-        logits, kv_state, observations = prefill(compiler, params, config, prompts, kv_state,
-                                                 needs, observations)
-        prefill_time.stop(logits)
-    compression_seconds, context_after = 0.0, sum(context_lengths) * per_token
-    if compression is not None:
-        with Stopwatch(compiler) as compress_time:
-            kv_state = compress_contexts(compiler, compression, config, kv_state, observations,
-                                         context_lengths, after_context)
-            compression_seconds = compress_time.stop(kv_state)
-        context_after = context_bytes(kv_state)
+            observations = needs and new_observations(needs, config, size, padded_length)
+            part_logits, part, observations = prefill(compiler, params, config, prompts[rows],
+                                                      part, needs, observations, padded_length,
+                                                      fresh=True)
+            prefill_seconds += prefill_time.stop(part_logits)
+        if compression is not None:
+            with Stopwatch(compiler) as compress_time:
+                part = compress_contexts(compiler, compression, config, part, observations,
+                                         context_lengths[rows], after_context, plan.rows(rows))
+                compression_seconds += compress_time.stop(part)
+        if group == batch:
+            logits, kv_state = part_logits, part
+            break
+        if kv_state is None:
+            whole = lambda x: jnp.zeros((batch, *x.shape[1:]), x.dtype)
+            logits, kv_state = whole(part_logits), jax.tree.map(whole, part)
+        logits = logits.at[rows].set(part_logits)
+        kv_state = _write_rows(kv_state, part, start)
+    context_after = context_bytes(kv_state) if compression else sum(context_lengths) * per_token
     with Stopwatch(compiler) as question_time:
         logits, kv_state = feed_questions(compiler, params, config, questions, kv_state, logits)
         question_time.stop(logits)
@@ -309,7 +339,7 @@ def generate(params: ModelParams, config: ModelConfig, prompts: list[list[int]],
         tokens=generated_tokens(state, config),
         prompt_tokens=sum(context_lengths) + sum(len(q) for q in questions),
         compile_seconds=compiler.seconds,
-        prefill_seconds=prefill_time.seconds + compression_seconds + question_time.seconds,
+        prefill_seconds=prefill_seconds + compression_seconds + question_time.seconds,
         compression_seconds=compression_seconds, decode_seconds=decode_time.seconds,
         kv_bytes=state.kv_state.nbytes(), context_kv_bytes_before=sum(context_lengths) * per_token,
         context_kv_bytes_after=context_after, kv_state=state.kv_state)

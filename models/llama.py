@@ -9,6 +9,7 @@ read; this file only computes them.
 import jax
 import jax.numpy as jnp
 
+from engine.attention import causal_self_attention
 from engine.kv_state import KVState, group_queries
 from models.config import ModelConfig
 from models.params import LayerParams, ModelParams
@@ -36,14 +37,20 @@ def mlp(layer: LayerParams, x):
 
 
 def decoder_layer(layer: LayerParams, cache, x, positions, valid, config: ModelConfig,
-                  needs=None, observations=None):
+                  needs=None, observations=None, fresh: bool = False):
     """One block. With `needs` the attention also updates the layer's `observations` (what the
-    compression scorers watch during prefill); the cache must then be a plain `DenseKVCache`."""
+    compression scorers watch during prefill); the cache must then be a plain `DenseKVCache`.
+    `fresh` says the cache is empty, so attention runs over the new tokens alone (fused)."""
     h = rms_norm(x, layer.attn_norm, config.rms_norm_eps)
     q_pre, k, v = project_qkv(layer, h, config)
     q, k = apply_rope(q_pre, positions, config), apply_rope(k, positions, config)
     cache = cache.append(k, v, positions, valid)
-    if needs is None:
+    if fresh:
+        attn = causal_self_attention(q, k, v, valid.sum(axis=1, dtype=jnp.int32),
+                                     config.sliding_window)
+        if needs is not None:
+            observations = observations.update(needs, q_pre, q, None, positions, valid)
+    elif needs is None:
         attn, cache = cache.attend(q, positions, config.sliding_window)
     else:
         out, _, probs = cache.partial(group_queries(q, config.num_kv_heads), positions,
@@ -56,13 +63,14 @@ def decoder_layer(layer: LayerParams, cache, x, positions, valid, config: ModelC
 
 
 def forward(params: ModelParams, config: ModelConfig, tokens, valid, kv_state: KVState,
-            needs=None, observations=None):
+            needs=None, observations=None, fresh: bool = False):
     """Runs `tokens` [batch, t] (valid: [batch, t] bool, a prefix per row) after the KV state.
 
     Positions continue from each sequence's `next_positions`. When a compression method watches
     the prefill, `needs` says what it needs and `observations` holds one `LayerObservations` per
     layer. Returns the final-norm hidden states [batch, t, hidden], the updated KV state and the
-    updated observations (None when not watching).
+    updated observations (None when not watching). `fresh`: the KV state is empty (a first
+    prefill in one piece), so attention needs no cache reads.
     """
     positions = kv_state.next_positions[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
     x = params.embed[tokens]
@@ -70,7 +78,7 @@ def forward(params: ModelParams, config: ModelConfig, tokens, valid, kv_state: K
     for i, (layer, cache) in enumerate(zip(params.layers, kv_state.layers)):
         x, cache, layer_observations = decoder_layer(
             layer, cache, x, positions, valid, config, needs,
-            None if needs is None else observations[i])
+            None if needs is None else observations[i], fresh)
         caches.append(cache)
         watched.append(layer_observations)
     x = rms_norm(x, params.final_norm, config.rms_norm_eps)

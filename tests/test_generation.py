@@ -8,6 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from compression.base import Budget
+from compression.compress import Compression
+from compression.snapkv import SnapKV
 from engine.generation import extend, generate
 from engine.kv_state import KVState
 from engine.sampling import Sampling, sample
@@ -114,3 +117,14 @@ def test_sampling_draws_only_from_the_filtered_support(top_k, top_p):
 def test_greedy_is_argmax():
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(3, 40)), jnp.float32)
     assert sample(logits, jax.random.key(0), Sampling()).tolist() == np.argmax(logits, 1).tolist()
+
+
+def test_prefilling_in_groups_generates_what_one_batch_does(tiny):
+    config, params = tiny
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, config.vocab_size, n).tolist() for n in (40, 9, 33, 21, 50)]
+    compression = Compression(SnapKV(window_size=4), Budget(ratio=0.5))
+    whole = generate(params, config, prompts, 10, compression=compression)
+    grouped = generate(params, config, prompts, 10, compression=compression, prefill_batch=2)
+    assert grouped.tokens == whole.tokens
+    assert grouped.kv_bytes == whole.kv_bytes
