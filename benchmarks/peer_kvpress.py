@@ -66,11 +66,15 @@ def timed(fn):
 def run_once(model, press, tokens, steps: int):
     cache = transformers.DynamicCache()
 
-    def prefill():
+    positions = torch.arange(tokens.shape[1], device="cuda")
+
+    def prefill():  # kvpress's hooks read cache_position, as its pipeline passes it
         if press is None:
-            return model(tokens, past_key_values=cache, logits_to_keep=1)
+            return model(tokens, past_key_values=cache, cache_position=positions,
+                         logits_to_keep=1)
         with press(model):
-            return model(tokens, past_key_values=cache, logits_to_keep=1)
+            return model(tokens, past_key_values=cache, cache_position=positions,
+                         logits_to_keep=1)
 
     out, prefill_seconds = timed(prefill)
     token = out.logits[:, -1:].argmax(-1)
