@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from engine.generation import DecodeState, decode_step
+from engine.generation import DecodeState, decode_loop, decode_step
 from engine.kv_state import DenseKVCache, KVState
 from engine.sampling import Sampling
 from models.config import PRESETS
@@ -122,6 +122,30 @@ def main(argv):
         jax.block_until_ready(s)
         best = min(best, time.perf_counter() - start)
     rows.append(("decode step, 64-slot cache", best, weight_bytes))
+    steps = 16
+    fresh = lambda: DecodeState(tokens=jnp.zeros((b, steps + 1), jnp.int32), step=jnp.int32(1),
+                                done=jnp.zeros((b,), bool),
+                                kv_state=KVState(
+                                    layers=tuple(jax.tree.map(jnp.copy, cache)
+                                                 for _ in range(layers)),
+                                    next_positions=jnp.full((b,), c - 64, jnp.int32)),
+                                key=jax.random.key(1))
+    looped = jax.jit(lambda p, s: decode_loop(p, config, Sampling(), s), donate_argnums=1)
+    jax.block_until_ready(looped(params, fresh()))
+    s = fresh()
+    jax.block_until_ready(s)
+    start = time.perf_counter()
+    jax.block_until_ready(looped(params, s))
+    rows.append(("per step, lax.while_loop of 16", (time.perf_counter() - start) / steps,
+                 weight_bytes + kv_bytes * layers))
+    s = fresh()
+    jax.block_until_ready(s)
+    start = time.perf_counter()
+    for _ in range(steps):
+        s = step(params, s)
+    jax.block_until_ready(s)
+    rows.append(("per step, Python loop of 16 jitted steps", (time.perf_counter() - start) / steps,
+                 weight_bytes + kv_bytes * layers))
     for name, seconds, nbytes in rows:
         rate = f"{nbytes / seconds / 1e12:.2f} TB/s" if nbytes else ""
         print(f"{name:40s} {1e3 * seconds:8.2f} ms  {rate}")

@@ -12,7 +12,7 @@ import numpy as np
 
 from engine.errors import UserError
 from models.config import ModelConfig
-from models.params import LayerParams, ModelParams, layer_shapes
+from models.params import LayerParams, ModelParams
 
 HF_LAYER_NAMES = {
     "attn_norm": "model.layers.{i}.input_layernorm.weight",
@@ -56,17 +56,30 @@ def _as_param(raw: np.ndarray, name: str, shape, dtype, transpose: bool):
     return jnp.asarray(array, dtype)
 
 
+def source_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the separate checkpoint tensors, in our (in, out) orientation."""
+    h, d, inter = config.hidden_size, config.head_dim, config.intermediate_size
+    return {"attn_norm": (h,), "wq": (h, config.num_heads * d), "wk": (h, config.num_kv_heads * d),
+            "wv": (h, config.num_kv_heads * d), "wo": (config.num_heads * d, h), "mlp_norm": (h,),
+            "w_gate": (h, inter), "w_up": (h, inter), "w_down": (inter, h)}
+
+
 def _build(config: ModelConfig, get: Callable[[str], np.ndarray], layer_names, global_names,
            dtype, fix_rows=lambda field, w: w) -> ModelParams:
-    shapes = layer_shapes(config)
+    shapes = source_shapes(config)
     layers = []
     for i in range(config.num_layers):
-        fields = {}
+        parts = {}
         for field, pattern in layer_names.items():
             name = pattern.format(i=i)
             raw = fix_rows(field, np.asarray(get(name)))
-            fields[field] = _as_param(raw, name, shapes[field], dtype, transpose=raw.ndim == 2)
-        layers.append(LayerParams(**fields))
+            parts[field] = _as_param(raw, name, shapes[field], dtype, transpose=raw.ndim == 2)
+        layers.append(LayerParams(
+            attn_norm=parts["attn_norm"],
+            wqkv=jnp.concatenate([parts["wq"], parts["wk"], parts["wv"]], axis=1),
+            wo=parts["wo"], mlp_norm=parts["mlp_norm"],
+            w_gate_up=jnp.concatenate([parts["w_gate"], parts["w_up"]], axis=1),
+            w_down=parts["w_down"]))
     lm_head = None
     if not config.tie_word_embeddings:
         name = global_names["lm_head"]

@@ -25,15 +25,14 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 def project_qkv(layer: LayerParams, x, config: ModelConfig):
     """Queries [b, t, heads, d], keys and values [b, t, kv_heads, d], before RoPE."""
     batch, tokens, _ = x.shape
-    d = config.head_dim
-    q = (x @ layer.wq).reshape(batch, tokens, config.num_heads, d)
-    k = (x @ layer.wk).reshape(batch, tokens, config.num_kv_heads, d)
-    v = (x @ layer.wv).reshape(batch, tokens, config.num_kv_heads, d)
+    qkv = (x @ layer.wqkv).reshape(batch, tokens, -1, config.head_dim)
+    q, k, v = jnp.split(qkv, [config.num_heads, config.num_heads + config.num_kv_heads], axis=2)
     return q, k, v
 
 
 def mlp(layer: LayerParams, x):
-    return (jax.nn.silu(x @ layer.w_gate) * (x @ layer.w_up)) @ layer.w_down
+    gate, up = jnp.split(x @ layer.w_gate_up, 2, axis=-1)
+    return (jax.nn.silu(gate) * up) @ layer.w_down
 
 
 def decoder_layer(layer: LayerParams, cache, x, positions, valid, config: ModelConfig,
