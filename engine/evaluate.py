@@ -29,7 +29,8 @@ from compression.registry import NAMES, make_compression
 from compression.select import round_up
 from engine.errors import UserError
 from engine.generation import (Compiler, compress_contexts, decode, feed_questions,
-                               generated_tokens, new_observations, pad_prompts, prefill)
+                               empty_kv_state, generated_tokens, new_observations, pad_prompts,
+                               prefill)
 from engine.kv_state import KVState
 from engine.sampling import Sampling
 from engine.tasks import TASKS, make_samples, string_match_all
@@ -104,7 +105,7 @@ def evaluate_batch(checkpoint, samples, settings, max_new_tokens, kl_tokens):
                              Needs())
     needs = needs if needs.any() else None
     compiler = Compiler()
-    kv_state = KVState.empty(config, len(samples), padded + after, params.embed.dtype)
+    kv_state = empty_kv_state(config, len(samples), padded + after, params.embed.dtype)
     observations = needs and new_observations(needs, config, len(samples), padded + after)
     logits, full_state, observations = prefill(compiler, params, config, contexts, kv_state,
                                                needs, observations)

@@ -124,6 +124,8 @@ def prefill(compiler: Compiler, params, config, prompts: list[list[int]], kv_sta
     return last_logits, kv_state, observations
 
 
+@functools.partial(jax.jit, static_argnames=("sampling", "max_new_tokens"),
+                   donate_argnames=("kv_state",))
 def _first_token(logits, key, sampling: Sampling, max_new_tokens: int, kv_state) -> DecodeState:
     batch = logits.shape[0]
     token = sample(logits, jax.random.fold_in(key, 0), sampling)
@@ -186,10 +188,16 @@ def _trim(row: np.ndarray, eos_ids) -> list[int]:
     return out
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def new_observations(needs, config: ModelConfig, batch: int, capacity: int):
     return tuple(LayerObservations.empty(needs, batch, config.num_heads, config.num_kv_heads,
                                          config.head_dim, capacity)
                  for _ in range(config.num_layers))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def empty_kv_state(config: ModelConfig, batch: int, capacity: int, dtype) -> KVState:
+    return KVState.empty(config, batch, capacity, dtype)
 
 
 def compress_contexts(compiler: Compiler, compression: Compression, config: ModelConfig,
@@ -221,7 +229,9 @@ def decode(compiler: Compiler, params, config, sampling: Sampling, logits, kv_st
            max_new_tokens: int, seed: int, on_token=None) -> DecodeState:
     """Samples the first token from `logits`, then runs the decode loop (compiled, or step by
     step with `on_token` for streaming)."""
-    state = _first_token(logits, jax.random.key(seed), sampling, max_new_tokens, kv_state)
+    key = jax.random.key(seed)
+    state = compiler(_first_token, logits, key, sampling, max_new_tokens, kv_state)(
+        logits, key, kv_state)
     decode_fn = compiler(decode_loop if on_token is None else decode_step_jit, params, config,
                          sampling, state)
     if on_token is None:
@@ -306,10 +316,10 @@ def generate(params: ModelParams, config: ModelConfig, prompts: list[list[int]],
     for start in range(0, batch, group):
         rows = slice(start, start + group)
         size = len(prompts[rows])
+        capacity = padded_length + (0 if compression else after_context)
+        part = compiler(empty_kv_state, config, size, capacity, kv_dtype)()
+        observations = needs and compiler(new_observations, needs, config, size, padded_length)()
         with Stopwatch(compiler) as prefill_time:
-            part = KVState.empty(config, size,
-                                 padded_length + (0 if compression else after_context), kv_dtype)
-            observations = needs and new_observations(needs, config, size, padded_length)
             part_logits, part, observations = prefill(compiler, params, config, prompts[rows],
                                                       part, needs, observations, padded_length,
                                                       fresh=True)
