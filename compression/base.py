@@ -84,8 +84,15 @@ class Store:
     (compressed context + empty recent segment) into the store's own cache kind, which must
     implement `append`, `attend` and `nbytes` like the caches in `engine.kv_state`."""
 
+    uses_budget = False  # True: the budget is the store's own (Quest's tokens read per step)
+
     def convert(self, layer, config: ModelConfig, budget: Budget):
         raise NotImplementedError
+
+    def convert_layer(self, index: int, layer, config: ModelConfig, budget: Budget):
+        """`convert` for layer `index`; a store that treats some layers differently (Quest keeps
+        its first layers dense) overrides this."""
+        return self.convert(layer, config, budget)
 
     def check_compatible(self, method: Method) -> None:
         """Raises UserError when this store cannot hold what `method` keeps."""

@@ -25,7 +25,7 @@ from absl import app, flags, logging
 from checkpoints_convert.load import load_checkpoint
 from compression.base import Budget
 from compression.observations import Needs
-from compression.registry import NAMES, make_compression
+from compression.registry import NAMES, make_compression, parse
 from compression.select import round_up
 from engine.errors import UserError
 from engine.generation import (Compiler, compress_contexts, decode, feed_questions,
@@ -142,15 +142,27 @@ def evaluate_batch(checkpoint, samples, settings, max_new_tokens, kl_tokens):
 
 
 def settings_from_flags() -> list[Setting]:
+    """The baseline, every eviction method (alone or with a store) at every ratio and budget, a
+    store alone once (it evicts nothing), and a store that takes a budget (Quest) per budget."""
     names = [n for n in NAMES if n != "none"] if _METHODS.value == ["all"] else _METHODS.value
     try:
-        budgets = ([Budget(ratio=float(r)) for r in _RATIOS.value]
-                   + [Budget(tokens=int(b)) for b in _BUDGETS.value])
+        ratios = [Budget(ratio=float(r)) for r in _RATIOS.value]
+        tokens = [Budget(tokens=int(b)) for b in _BUDGETS.value]
     except ValueError as e:
         raise UserError(f"bad --ratios or --kv_budgets: {e}")
+    settings = [Setting("none", None)]
     for name in names:
-        make_compression(name, budgets[0])  # fails early on unknown names and compositions
-    return [Setting("none", None)] + [Setting(n, b) for n in names for b in budgets]
+        method, store = parse(name)
+        if method is not None:
+            chosen = ratios + tokens
+        elif getattr(store, "uses_budget", False):
+            chosen = tokens
+        else:
+            chosen = [Budget(ratio=0.0)]
+        for budget in chosen:
+            make_compression(name, budget)  # fails early on bad names and compositions
+            settings.append(Setting(name, budget))
+    return settings
 
 
 def summarise(task_results: dict) -> list[dict]:

@@ -57,6 +57,20 @@ class Tokenizer:
     add_bos: bool
     chat_template: str | None
 
+    def save(self, directory) -> None:
+        """Writes tokenizer.json, tokenizer_config.json and generation_config.json, which
+        `tokenizer_from_hf_dir` (and HF) read back."""
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(folder / "tokenizer.json"))
+        token = lambda i: None if i is None else self.backend.id_to_token(i)
+        config = dict(bos_token=token(self.bos_id), eos_token=token((self.eos_ids or (None,))[0]),
+                      pad_token=token(self.pad_id), add_bos_token=self.add_bos,
+                      chat_template=self.chat_template)
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+        (folder / "generation_config.json").write_text(
+            json.dumps(dict(eos_token_id=list(self.eos_ids)), indent=1))
+
     def encode(self, text: str) -> list[int]:
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids

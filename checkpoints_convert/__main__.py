@@ -1,0 +1,52 @@
+"""Command line: convert a GGUF file or a HF checkpoint folder into an orbax checkpoint that
+`--checkpoint` loads directly (parameters already in the engine's layout, dequantized).
+
+    python -m checkpoints_convert --source model.gguf --output converted/ --dtype bfloat16
+
+The output folder holds `engine_config.json` (the model config), `params/` (orbax) and the
+tokenizer (tokenizer.json, tokenizer_config.json, generation_config.json).
+"""
+
+import os
+import sys
+
+import jax.numpy as jnp
+from absl import app, flags, logging
+
+from checkpoints_convert.load import (ORBAX_CONFIG, ORBAX_PARAMS, config_to_json,
+                                      load_checkpoint)
+from checkpoints_convert.orbax_store import save_tree
+from engine.errors import UserError
+
+_SOURCE = flags.DEFINE_string("source", None, "GGUF file or HF folder (default: SmolLM2).")
+_OUTPUT = flags.DEFINE_string("output", None, "Folder to create.")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Stored dtype.")
+
+
+def convert(source: str | None, output: str, dtype) -> None:
+    if os.path.exists(output):
+        raise UserError(f"--output {output} already exists; choose a new folder")
+    checkpoint = load_checkpoint(source, dtype)
+    os.makedirs(output)
+    save_tree(os.path.join(output, ORBAX_PARAMS), checkpoint.params)
+    with open(os.path.join(output, ORBAX_CONFIG), "w") as f:
+        f.write(config_to_json(checkpoint.config))
+    checkpoint.tokenizer.save(output)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)
+    try:
+        if not _OUTPUT.value:
+            raise UserError("give --output, the folder to write")
+        convert(_SOURCE.value, _OUTPUT.value, jnp.dtype(_DTYPE.value))
+        print(f"wrote {_OUTPUT.value}")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)
