@@ -127,12 +127,13 @@ def _word_list_task(rng, count_tokens, tokens: int, top: int, frequent: bool) ->
         counts = {w: max(1, int(60 / (rank + 1) ** 1.3)) for rank, w in enumerate(vocabulary[:30])}
     else:  # `top` words repeated often, the rest rarely (RULER cwe)
         counts = {w: (30 if i < top else 3) for i, w in enumerate(vocabulary)}
+    numbered = lambda words: " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
     words = [w for w, c in counts.items() for _ in range(c)]
-    per_word = max(1, count_tokens(" ".join(words)) / len(words))
-    scale = max(1.0, tokens / per_word / len(words))
-    words = [w for w, c in counts.items() for _ in range(round(c * scale))]
-    listing = " ".join(f"{i + 1}. {w}" for i, w in enumerate(rng.permutation(words)))
-    answers = tuple(sorted(counts, key=counts.get, reverse=True)[:top])
+    per_item = max(1.0, count_tokens(numbered(words)) / len(words))
+    scale = max(1.0, tokens / per_item / len(words))
+    words = [str(w) for w, c in counts.items() for _ in range(round(c * scale))]
+    listing = numbered(rng.permutation(words))
+    answers = tuple(str(w) for w in sorted(counts, key=counts.get, reverse=True)[:top])
     context = (f"Below is a numbered list of words. In these words, some appear more often than "
                f"others. Memorize the ones that appear most often.\n{listing}\n")
     question = (f"Question: What are the {top} most common words in the above list? Answer: The "
