@@ -96,31 +96,27 @@ def main(argv):
     decode = DecodeState(tokens=jnp.zeros((b, 8), jnp.int32), step=jnp.int32(1),
                          done=jnp.zeros((b,), bool), kv_state=state, key=jax.random.key(1))
     step = jax.jit(lambda p, s: decode_step(p, config, Sampling(), s), donate_argnums=1)
-    s = step(params, decode)
-    jax.block_until_ready(s)
-    best = float("inf")
-    for i in range(5):
-        s = DecodeState(s.tokens, jnp.int32(1), s.done, s.kv_state, s.key)
-        start = time.perf_counter()
-        s = step(params, s)
+    def best_step_seconds(state):
+        s = step(params, state)
         jax.block_until_ready(s)
-        best = min(best, time.perf_counter() - start)
-    rows.append(("whole decode step (jit, donated)", best, weight_bytes + kv_bytes * layers))
+        best = float("inf")
+        for _ in range(5):
+            s = DecodeState(s.tokens, jnp.int32(1), s.done, s.kv_state, s.key)
+            start = time.perf_counter()
+            s = step(params, s)
+            jax.block_until_ready(s)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    rows.append(("whole decode step (jit, donated)", best_step_seconds(decode),
+                 weight_bytes + kv_bytes * layers))
     empty = KVState(layers=tuple(DenseKVCache(cache.keys[:, :, :64], cache.values[:, :, :64],
                                               cache.positions[:, :, :64], cache.lengths * 0)
                                  for _ in range(layers)),
                     next_positions=jnp.zeros((b,), jnp.int32))
     tiny = DecodeState(tokens=jnp.zeros((b, 8), jnp.int32), step=jnp.int32(1),
                        done=jnp.zeros((b,), bool), kv_state=empty, key=jax.random.key(1))
-    s = step(params, tiny)
-    jax.block_until_ready(s)
-    best = float("inf")
-    for i in range(5):
-        s = DecodeState(s.tokens, jnp.int32(1), s.done, s.kv_state, s.key)
-        start = time.perf_counter()
-        s = step(params, s)
-        jax.block_until_ready(s)
-        best = min(best, time.perf_counter() - start)
+    best = best_step_seconds(tiny)
     rows.append(("decode step, 64-slot cache", best, weight_bytes))
     steps = 16
     fresh = lambda: DecodeState(tokens=jnp.zeros((b, steps + 1), jnp.int32), step=jnp.int32(1),

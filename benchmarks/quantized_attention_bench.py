@@ -33,7 +33,8 @@ import jax.numpy as jnp  # noqa: E402
 from pallas_kernels.kv_packing import QuantizedTensor  # noqa: E402
 from pallas_kernels.quantized_attention import quantized_decode_attention  # noqa: E402
 from pallas_kernels.quantized_attention_reference import (  # noqa: E402
-    quantized_decode_attention_reference)
+    quantized_decode_attention_reference,
+)
 
 HQ, HKV, D, GROUP = 32, 8, 128, 32
 DESIGN_BW = 2.88e12  # H100 read bandwidth in DESIGN.md, for comparison only
@@ -48,188 +49,246 @@ SWEEP = {  # kernel options tried with --sweep, per format ({} = the defaults)
 
 
 def read_bandwidth(n_bytes=4 << 30, reps=20):
-  """Bytes/s of the fastest of three large float32 reductions (read-only traffic)."""
-  x = jax.random.normal(jax.random.PRNGKey(0), (n_bytes // 4,), jnp.float32)
-  reductions = {"sum all": jnp.sum,
-                "sum rows": lambda a: jnp.sum(a.reshape(-1, 4096), axis=1),
-                "sum columns": lambda a: jnp.sum(a.reshape(4096, -1), axis=0)}
-  best = 0.0
-  for name, red in reductions.items():
-    f = jax.jit(red)
-    f(x).block_until_ready()
-    times = []
-    for _ in range(reps):
-      t0 = time.perf_counter()
-      f(x).block_until_ready()
-      times.append(time.perf_counter() - t0)
-    bw = n_bytes / statistics.median(times)
-    print(f"  read bandwidth, {name}: {bw / 1e12:.2f} TB/s")
-    best = max(best, bw)
-  del x
-  return best
+    """Bytes/s of the fastest of three large float32 reductions (read-only traffic)."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (n_bytes // 4,), jnp.float32)
+    reductions = {
+        "sum all": jnp.sum,
+        "sum rows": lambda a: jnp.sum(a.reshape(-1, 4096), axis=1),
+        "sum columns": lambda a: jnp.sum(a.reshape(4096, -1), axis=0),
+    }
+    best = 0.0
+    for name, red in reductions.items():
+        f = jax.jit(red)
+        f(x).block_until_ready()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            f(x).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        bw = n_bytes / statistics.median(times)
+        print(f"  read bandwidth, {name}: {bw / 1e12:.2f} TB/s")
+        best = max(best, bw)
+    del x
+    return best
 
 
 def make_cache(fmt, key, b, t):
-  """Random packed caches (codes uniformly random, scales in [0.01, 0.1], zeros normal)."""
-  k1, k2, k3, k4, k5, k6 = jax.random.split(key, 6)
-  scales = lambda k, shape: jax.random.uniform(k, shape, jnp.float32, 0.01, 0.1).astype(
-      jnp.bfloat16)
-  zeros = lambda k, shape: jax.random.normal(k, shape, jnp.bfloat16)
-  if fmt == "bf16":
-    return (jax.random.normal(k1, (b, HKV, t, D), jnp.bfloat16),
-            jax.random.normal(k2, (b, HKV, t, D), jnp.bfloat16))
-  if fmt == "int8":
-    codes = lambda k: jax.lax.bitcast_convert_type(
-        jax.random.bits(k, (b, HKV, t, D), jnp.uint8), jnp.int8)
-    return (QuantizedTensor.int8(codes(k1), scales(k2, (b, HKV, t))),
-            QuantizedTensor.int8(codes(k3), scales(k4, (b, HKV, t))))
-  bits = {"int4": 4, "int2": 2}[fmt]
-  packed = lambda k: jax.random.bits(k, (b, HKV, t, D * bits // 8), jnp.uint8)
-  kq = QuantizedTensor(packed(k1), scales(k2, (b, HKV, t // GROUP, D)),
-                       zeros(k3, (b, HKV, t // GROUP, D)), bits, GROUP, "per_channel")
-  vq = QuantizedTensor(packed(k4), scales(k5, (b, HKV, t, D // GROUP)),
-                       zeros(k6, (b, HKV, t, D // GROUP)), bits, GROUP, "per_token")
-  return kq, vq
+    """Random packed caches (codes uniformly random, scales in [0.01, 0.1], zeros normal)."""
+    k1, k2, k3, k4, k5, k6 = jax.random.split(key, 6)
+    scales = lambda k, shape: jax.random.uniform(k, shape, jnp.float32, 0.01, 0.1).astype(
+        jnp.bfloat16
+    )
+    zeros = lambda k, shape: jax.random.normal(k, shape, jnp.bfloat16)
+    if fmt == "bf16":
+        return (
+            jax.random.normal(k1, (b, HKV, t, D), jnp.bfloat16),
+            jax.random.normal(k2, (b, HKV, t, D), jnp.bfloat16),
+        )
+    if fmt == "int8":
+        codes = lambda k: jax.lax.bitcast_convert_type(
+            jax.random.bits(k, (b, HKV, t, D), jnp.uint8), jnp.int8
+        )
+        return (
+            QuantizedTensor.int8(codes(k1), scales(k2, (b, HKV, t))),
+            QuantizedTensor.int8(codes(k3), scales(k4, (b, HKV, t))),
+        )
+    bits = {"int4": 4, "int2": 2}[fmt]
+    packed = lambda k: jax.random.bits(k, (b, HKV, t, D * bits // 8), jnp.uint8)
+    kq = QuantizedTensor(
+        packed(k1),
+        scales(k2, (b, HKV, t // GROUP, D)),
+        zeros(k3, (b, HKV, t // GROUP, D)),
+        bits,
+        GROUP,
+        "per_channel",
+    )
+    vq = QuantizedTensor(
+        packed(k4),
+        scales(k5, (b, HKV, t, D // GROUP)),
+        zeros(k6, (b, HKV, t, D // GROUP)),
+        bits,
+        GROUP,
+        "per_token",
+    )
+    return kq, vq
 
 
 def nbytes(tree):
-  return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
 
 
 def xla_dense_attention(q, k, v, length):
-  """Plain XLA decode attention over bf16 K/V (the unquantized baseline)."""
-  b, hq, d = q.shape
-  qg = q.reshape(b, HKV, hq // HKV, d)
-  s = jnp.einsum("bhgd,bhtd->bhgt", qg, k, preferred_element_type=jnp.float32) * d**-0.5
-  s = jnp.where(jnp.arange(k.shape[2]) < length[:, None, None, None], s, -jnp.inf)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  p = jnp.exp(s - m)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  o = jnp.einsum("bhgt,bhtd->bhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return (o / l).reshape(b, hq, d), (m + jnp.log(l)).reshape(b, hq)
+    """Plain XLA decode attention over bf16 K/V (the unquantized baseline)."""
+    b, hq, d = q.shape
+    qg = q.reshape(b, HKV, hq // HKV, d)
+    s = jnp.einsum("bhgd,bhtd->bhgt", qg, k, preferred_element_type=jnp.float32) * d**-0.5
+    s = jnp.where(jnp.arange(k.shape[2]) < length[:, None, None, None], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("bhgt,bhtd->bhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (o / l).reshape(b, hq, d), (m + jnp.log(l)).reshape(b, hq)
 
 
 def time_per_call(fn, caches, queries, length, reps):
-  """Median seconds per call: slope between chains of n and 4n calls (see module docstring)."""
-  def chain(n):
-    @jax.jit
-    def run(qs, cs, length):
-      # Each call's q depends on the previous output, so XLA cannot merge the calls' matrix
-      # products over a shared cache (it does: independent bf16 einsums over one K got merged).
-      outs = []
-      for i in range(n):
-        q = qs[i] if not outs else qs[i] + (outs[-1][0, 0, 0] * 0).astype(qs[i].dtype)
-        outs.append(fn(q, *cs[i % len(cs)], length)[0])
-      return outs
-    return run
+    """Median seconds per call: slope between chains of n and 4n calls (see module docstring)."""
 
-  n_long = len(queries)
-  n_short = max(1, n_long // 4)
-  runs = {n: chain(n) for n in (n_short, n_long)}
-  medians = {}
-  for n, run in runs.items():
-    args = (queries[:n], caches, length)
-    for _ in range(3):
-      jax.block_until_ready(run(*args))
-    times = []
-    for _ in range(reps):
-      t0 = time.perf_counter()
-      jax.block_until_ready(run(*args))
-      times.append(time.perf_counter() - t0)
-    medians[n] = statistics.median(times)
-  return (medians[n_long] - medians[n_short]) / (n_long - n_short), medians[n_long] / n_long
+    def chain(n):
+        @jax.jit
+        def run(qs, cs, length):
+            # Each call's q depends on the previous output, so XLA cannot merge the calls' matrix
+            # products over a shared cache (it does: independent bf16 einsums over one K got merged).
+            outs = []
+            for i in range(n):
+                q = qs[i] if not outs else qs[i] + (outs[-1][0, 0, 0] * 0).astype(qs[i].dtype)
+                outs.append(fn(q, *cs[i % len(cs)], length)[0])
+            return outs
+
+        return run
+
+    n_long = len(queries)
+    n_short = max(1, n_long // 4)
+    runs = {n: chain(n) for n in (n_short, n_long)}
+    medians = {}
+    for n, run in runs.items():
+        args = (queries[:n], caches, length)
+        for _ in range(3):
+            jax.block_until_ready(run(*args))
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(run(*args))
+            times.append(time.perf_counter() - t0)
+        medians[n] = statistics.median(times)
+    return (medians[n_long] - medians[n_short]) / (n_long - n_short), medians[n_long] / n_long
 
 
 def check_against_reference(caches, queries, length):
-  k, v = caches[0]
-  out, lse = jax.jit(quantized_decode_attention)(queries[0], k, v, length)
-  ref, ref_lse = jax.jit(quantized_decode_attention_reference)(queries[0], k, v, length)
-  return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    k, v = caches[0]
+    out, lse = jax.jit(quantized_decode_attention)(queries[0], k, v, length)
+    ref, ref_lse = jax.jit(quantized_decode_attention_reference)(queries[0], k, v, length)
+    return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
-  ap.add_argument("--slots", type=int, default=32768)
-  ap.add_argument("--formats", nargs="+", default=["int4", "int8", "bf16", "int2"])
-  ap.add_argument("--sweep", action="store_true", help="time the kernel's tuning variants too")
-  ap.add_argument("--calls", type=int, default=16, help="calls in the long timing chain")
-  ap.add_argument("--reps", type=int, default=20)
-  ap.add_argument("--jsonl", type=Path, default=None)
-  ap.add_argument("--time-budget", type=float, default=1e9,
-                  help="seconds after which sweep variants are skipped (defaults still run)")
-  args = ap.parse_args(argv)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--slots", type=int, default=32768)
+    ap.add_argument("--formats", nargs="+", default=["int4", "int8", "bf16", "int2"])
+    ap.add_argument("--sweep", action="store_true", help="time the kernel's tuning variants too")
+    ap.add_argument("--calls", type=int, default=16, help="calls in the long timing chain")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--jsonl", type=Path, default=None)
+    ap.add_argument(
+        "--time-budget",
+        type=float,
+        default=1e9,
+        help="seconds after which sweep variants are skipped (defaults still run)",
+    )
+    args = ap.parse_args(argv)
 
-  dev = jax.devices()[0]
-  print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__},"
-        f" {datetime.date.today()}", flush=True)
-  bw = read_bandwidth()
-  print(f"read bandwidth used for the floor: {bw / 1e12:.2f} TB/s, the fastest 4 GiB reduction"
-        f" (DESIGN.md: {DESIGN_BW / 1e12:.2f} TB/s)", flush=True)
-  log = open(args.jsonl, "w") if args.jsonl else None
-  t_start = time.perf_counter()
-  rows = []
-  for fmt in args.formats:
-    for b in args.batch:
-      length = jnp.full((b,), args.slots, jnp.int32)
-      one = make_cache(fmt, jax.random.PRNGKey(1), b, args.slots)
-      step_bytes = nbytes(one) + b * HQ * D * 2
-      n_sets = max(2, math.ceil(L2_DEFEAT_BYTES / step_bytes))
-      caches = [one] + [make_cache(fmt, jax.random.PRNGKey(2 + i), b, args.slots)
-                        for i in range(n_sets - 1)]
-      queries = [jax.random.normal(jax.random.PRNGKey(100 + i), (b, HQ, D), jnp.bfloat16)
-                 for i in range(args.calls)]
-      floor = step_bytes / bw
-      variants = [("xla", None)] if fmt == "bf16" else []
-      variants += [("pallas", opts) for opts in (SWEEP[fmt] if args.sweep else [{}])]
-      try:
-        err = check_against_reference(caches, queries, length)
-      except Exception as e:  # report and go on to the timings
-        print(f"{fmt} b={b}: reference check FAILED {type(e).__name__}: {str(e)[:300]}")
-        err = float("nan")
-      print(f"{fmt} batch {b}: {step_bytes / 1e6:.1f} MB/step, floor {floor * 1e6:.1f} us,"
-            f" {n_sets} cache copies, kernel vs reference rel err {err:.1e}", flush=True)
-      for impl, opts in variants:
-        if opts and time.perf_counter() - t_start > args.time_budget:
-          print(f"  {fmt} b={b} {opts}: skipped (time budget)")
-          continue
-        t_variant = time.perf_counter()
-        if impl == "xla":
-          fn = xla_dense_attention
-        else:
-          fn = lambda q, k, v, l, o=opts: quantized_decode_attention(
-              q, k, v, l, implementation="pallas_gpu", **o)
-        try:
-          t, t_plain = time_per_call(fn, caches, queries, length, args.reps)
-        except Exception as e:  # a variant that does not compile must not stop the others
-          print(f"  {fmt} b={b} {impl} {opts}: FAILED {type(e).__name__}: {str(e)[:300]}")
-          continue
-        rec = dict(format=fmt, batch=b, impl=impl, options=opts, bytes=step_bytes,
-                   floor_us=floor * 1e6, time_us=t * 1e6, time_us_no_slope=t_plain * 1e6,
-                   pct_floor=100 * floor / t, rel_err_vs_reference=err, cache_sets=n_sets)
-        print(f"  {fmt:5s} b={b:2d} {impl:6s} {json.dumps(opts):28s} {t * 1e6:9.1f} us"
-              f" ({t_plain * 1e6:8.1f} unsloped)  {100 * floor / t:5.1f}% of floor"
-              f"  [{time.perf_counter() - t_variant:.0f}s]", flush=True)
-        if log:
-          log.write(json.dumps(rec) + "\n")
-        rows.append(rec)
-      del caches, one
+    dev = jax.devices()[0]
+    print(
+        f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__},"
+        f" {datetime.date.today()}",
+        flush=True,
+    )
+    bw = read_bandwidth()
+    print(
+        f"read bandwidth used for the floor: {bw / 1e12:.2f} TB/s, the fastest 4 GiB reduction"
+        f" (DESIGN.md: {DESIGN_BW / 1e12:.2f} TB/s)",
+        flush=True,
+    )
+    log = open(args.jsonl, "w") if args.jsonl else None
+    t_start = time.perf_counter()
+    rows = []
+    for fmt in args.formats:
+        for b in args.batch:
+            length = jnp.full((b,), args.slots, jnp.int32)
+            one = make_cache(fmt, jax.random.PRNGKey(1), b, args.slots)
+            step_bytes = nbytes(one) + b * HQ * D * 2
+            n_sets = max(2, math.ceil(L2_DEFEAT_BYTES / step_bytes))
+            caches = [one] + [
+                make_cache(fmt, jax.random.PRNGKey(2 + i), b, args.slots) for i in range(n_sets - 1)
+            ]
+            queries = [
+                jax.random.normal(jax.random.PRNGKey(100 + i), (b, HQ, D), jnp.bfloat16)
+                for i in range(args.calls)
+            ]
+            floor = step_bytes / bw
+            variants = [("xla", None)] if fmt == "bf16" else []
+            variants += [("pallas", opts) for opts in (SWEEP[fmt] if args.sweep else [{}])]
+            try:
+                err = check_against_reference(caches, queries, length)
+            except Exception as e:  # report and go on to the timings
+                print(f"{fmt} b={b}: reference check FAILED {type(e).__name__}: {str(e)[:300]}")
+                err = float("nan")
+            print(
+                f"{fmt} batch {b}: {step_bytes / 1e6:.1f} MB/step, floor {floor * 1e6:.1f} us,"
+                f" {n_sets} cache copies, kernel vs reference rel err {err:.1e}",
+                flush=True,
+            )
+            for impl, opts in variants:
+                if opts and time.perf_counter() - t_start > args.time_budget:
+                    print(f"  {fmt} b={b} {opts}: skipped (time budget)")
+                    continue
+                t_variant = time.perf_counter()
+                if impl == "xla":
+                    fn = xla_dense_attention
+                else:
+                    fn = lambda q, k, v, l, o=opts: quantized_decode_attention(
+                        q, k, v, l, implementation="pallas_gpu", **o
+                    )
+                try:
+                    t, t_plain = time_per_call(fn, caches, queries, length, args.reps)
+                except Exception as e:  # a variant that does not compile must not stop the others
+                    print(f"  {fmt} b={b} {impl} {opts}: FAILED {type(e).__name__}: {str(e)[:300]}")
+                    continue
+                rec = dict(
+                    format=fmt,
+                    batch=b,
+                    impl=impl,
+                    options=opts,
+                    bytes=step_bytes,
+                    floor_us=floor * 1e6,
+                    time_us=t * 1e6,
+                    time_us_no_slope=t_plain * 1e6,
+                    pct_floor=100 * floor / t,
+                    rel_err_vs_reference=err,
+                    cache_sets=n_sets,
+                )
+                print(
+                    f"  {fmt:5s} b={b:2d} {impl:6s} {json.dumps(opts):28s} {t * 1e6:9.1f} us"
+                    f" ({t_plain * 1e6:8.1f} unsloped)  {100 * floor / t:5.1f}% of floor"
+                    f"  [{time.perf_counter() - t_variant:.0f}s]",
+                    flush=True,
+                )
+                if log:
+                    log.write(json.dumps(rec) + "\n")
+                rows.append(rec)
+            del caches, one
 
-  print("\n| format | batch | impl | options | bytes read (MB) | floor (us) | time (us) |"
-        " % of floor | time incl. dispatch (us) |")
-  print("|---|---|---|---|---|---|---|---|---|")
-  best = {}
-  for r in rows:
-    key = (r["format"], r["batch"], r["impl"])
-    if key not in best or r["time_us"] < best[key]["time_us"]:
-      best[key] = r
-  for r in best.values():
-    print(f"| {r['format']} | {r['batch']} | {r['impl']} | {json.dumps(r['options']) if r['options'] else '-'} |"
-          f" {r['bytes'] / 1e6:.1f} | {r['floor_us']:.1f} | {r['time_us']:.1f} |"
-          f" {r['pct_floor']:.0f}% | {r['time_us_no_slope']:.1f} |")
-  print(f"\nfloor = bytes / {bw / 1e12:.2f} TB/s (measured read bandwidth, fastest large"
-        " reduction); time = median per call, slope of chained calls.")
+    print(
+        "\n| format | batch | impl | options | bytes read (MB) | floor (us) | time (us) |"
+        " % of floor | time incl. dispatch (us) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    best = {}
+    for r in rows:
+        key = (r["format"], r["batch"], r["impl"])
+        if key not in best or r["time_us"] < best[key]["time_us"]:
+            best[key] = r
+    for r in best.values():
+        print(
+            f"| {r['format']} | {r['batch']} | {r['impl']} | {json.dumps(r['options']) if r['options'] else '-'} |"
+            f" {r['bytes'] / 1e6:.1f} | {r['floor_us']:.1f} | {r['time_us']:.1f} |"
+            f" {r['pct_floor']:.0f}% | {r['time_us_no_slope']:.1f} |"
+        )
+    print(
+        f"\nfloor = bytes / {bw / 1e12:.2f} TB/s (measured read bandwidth, fastest large"
+        " reduction); time = median per call, slope of chained calls."
+    )
 
 
 if __name__ == "__main__":
-  main()
+    main()

@@ -8,14 +8,14 @@ tokenizer (tokenizer.json, tokenizer_config.json, generation_config.json).
 """
 
 import os
-import sys
 
 import jax.numpy as jnp
-from absl import app, flags, logging
+from absl import flags
 
 from checkpoints_convert.load import (ORBAX_CONFIG, ORBAX_PARAMS, config_to_json,
                                       load_checkpoint)
 from checkpoints_convert.orbax_store import save_tree
+from engine import cli
 from engine.errors import UserError
 
 _SOURCE = flags.DEFINE_string("source", None, "GGUF file or HF folder (default: SmolLM2).")
@@ -34,19 +34,12 @@ def convert(source: str | None, output: str, dtype) -> None:
     checkpoint.tokenizer.save(output)
 
 
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.WARNING)
-    try:
-        if not _OUTPUT.value:
-            raise UserError("give --output, the folder to write")
-        convert(_SOURCE.value, _OUTPUT.value, jnp.dtype(_DTYPE.value))
-        print(f"wrote {_OUTPUT.value}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+def run() -> None:
+    if not _OUTPUT.value:
+        raise UserError("give --output, the folder to write")
+    convert(_SOURCE.value, _OUTPUT.value, jnp.dtype(_DTYPE.value))
+    print(f"wrote {_OUTPUT.value}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.main(run)

@@ -97,7 +97,7 @@ def compress(compression: Compression, config: ModelConfig, kv_state: KVState, o
         recent = DenseKVCache.empty(batch, kv_heads, recent_capacity, head_dim, cache.keys.dtype)
         layer = SegmentedCache(context, recent)
         if compression.store is not None:
-            layer = compression.store.convert(layer, config, compression.budget)
+            layer = compression.store.convert_layer(i, layer, config, compression.budget)
         layers.append(layer)
     return KVState(layers=tuple(layers), next_positions=kv_state.next_positions)
 

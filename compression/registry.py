@@ -5,13 +5,20 @@ allocates budgets) with a scorer, e.g. `adakv:snapkv`; `EVICTION+STORE` stores w
 method keeps in a store (quantized, paged), e.g. `snapkv+kivi2`; a store alone keeps everything.
 """
 
+import functools
+from typing import Callable
+
 from compression.adakv import AdaKV
 from compression.base import Budget, KeepAll, Method, Store
 from compression.compress import Compression
 from compression.expected_attention import ExpectedAttention
 from compression.h2o import H2O
+from compression.int4 import Int4
+from compression.int8 import Int8
+from compression.kivi import KIVI
 from compression.knorm import KNorm
 from compression.pyramidkv import PyramidKV
+from compression.quest import Quest
 from compression.random import Random
 from compression.snapkv import SnapKV
 from compression.streamingllm import StreamingLLM
@@ -29,7 +36,13 @@ SCORERS: dict[str, type[Method]] = {
     "random": Random,
 }
 WRAPPERS: dict[str, type[Method]] = {"adakv": AdaKV}
-STORES: dict[str, type[Store]] = {}
+STORES: dict[str, Callable[[], Store]] = {
+    "quest": Quest,
+    "kivi2": functools.partial(KIVI, bits=2),
+    "kivi4": functools.partial(KIVI, bits=4),
+    "int8": Int8,
+    "int4": Int4,
+}
 NAMES = ["none", *SCORERS, *WRAPPERS, *STORES]
 
 

@@ -17,17 +17,17 @@ import os
 import subprocess
 import sys
 import time
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 
 from compression.base import Budget
 from compression.compress import Plan
 from compression.registry import make_compression
 from compression.select import round_up
+from engine import cli
 from engine.errors import UserError
 from engine.generation import bucket, generate
 from engine.memory import MemoryModel
@@ -168,18 +168,6 @@ def run() -> None:
             json.dump(dict(rows=rows, peers=peers), f, indent=1)
 
 
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.WARNING)
-    warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-    try:
-        run()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
 if __name__ == "__main__":
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
-    app.run(main)
+    cli.main(run)

@@ -15,18 +15,18 @@ import functools
 import json
 import os
 import sys
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 
 from checkpoints_convert.load import load_checkpoint
 from compression.base import Budget
 from compression.observations import Needs
 from compression.registry import NAMES, make_compression, parse
 from compression.select import round_up
+from engine import cli
 from engine.errors import UserError
 from engine.generation import (Compiler, compress_contexts, decode, feed_questions,
                                empty_kv_state, generated_tokens, new_observations, pad_prompts,
@@ -243,17 +243,5 @@ def run() -> None:
     print(table)
 
 
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.WARNING)
-    warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-    try:
-        run()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
 if __name__ == "__main__":
-    app.run(main)
+    cli.main(run)

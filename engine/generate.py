@@ -10,16 +10,16 @@ compression and never compressed.
 """
 
 import sys
-import warnings
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags, logging
+from absl import flags
 
 from checkpoints_convert.load import load_checkpoint
 from compression.base import Budget
 from compression.compress import Compression
 from compression.registry import NAMES, make_compression, parse
+from engine import cli
 from engine.errors import UserError
 from engine.generation import generate
 from engine.sampling import Sampling
@@ -42,7 +42,7 @@ _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
                            "Weights and KV dtype; auto is float32 on CPU, bfloat16 elsewhere.")
 _COMPRESS = flags.DEFINE_string(
     "compress", "none", f"KV-cache compression method: one of {', '.join(NAMES)}, or "
-    "wrapper:scorer such as adakv:snapkv.")
+    "wrapper:scorer such as adakv:snapkv, or eviction+store such as snapkv+kivi2.")
 _RATIO = flags.DEFINE_float("compression_ratio", None,
                             "Fraction of the context's KV removed, in [0, 1) (default 0.5).")
 _KV_BUDGET = flags.DEFINE_integer("kv_budget", None,
@@ -127,17 +127,5 @@ def run() -> None:
           f"{mib(result.context_kv_bytes_after)} | KV cache {mib(result.kv_bytes)}]")
 
 
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.WARNING)
-    warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-    try:
-        run()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
 if __name__ == "__main__":
-    app.run(main)
+    cli.main(run)

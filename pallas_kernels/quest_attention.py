@@ -35,6 +35,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from engine.errors import UserError
+from pallas_kernels.quantized_attention import merge_splits
 from pallas_kernels.quest_reference import quest_decode_attention_reference
 
 IMPLEMENTATIONS = ("reference", "pallas_gpu", "pallas_tpu")
@@ -98,19 +99,6 @@ def _gpu_kernel(length_ref, count_ref, pages_ref, q_ref, k_ref, v_ref, acc_ref, 
     plgpu.store(l_ref.at[pl.ds(0, cfg.rows)], l, mask=row_ok)
 
 
-def _merge_splits(acc, m, l):
-    """Partials [B, H, S, G, (D)] -> normalised out [B, H, G, D], lse [B, H, G]."""
-    m_max = jnp.max(m, axis=2)
-    m_max = jnp.where(jnp.isfinite(m_max), m_max, 0.0)
-    w = jnp.exp(m - m_max[:, :, None])  # 0 for empty splits (m = -inf)
-    total = jnp.sum(w * l, axis=2)
-    o = jnp.sum(w[..., None] * acc, axis=2)
-    ok = total > 0
-    safe = jnp.where(ok, total, 1.0)
-    return (jnp.where(ok[..., None], o / safe[..., None], 0.0),
-            jnp.where(ok, m_max + jnp.log(safe), -jnp.inf))
-
-
 def _per_head(x):
     rest = x.shape[2:]
     return pl.BlockSpec((pl.squeezed, pl.squeezed, *rest),
@@ -118,15 +106,16 @@ def _per_head(x):
 
 
 def _pallas_gpu(q, keys, values, lengths, pages, count, page_size, *, sm_scale, interpret,
-                pages_per_block=None, num_splits=None, target_programs=256, num_warps=4,
-                num_stages=2):
+                pages_per_block=None, num_splits=None, target_programs=256,
+                min_blocks_per_split=2, num_warps=4, num_stages=2):
     b, hq, d = q.shape
     hkv, n_select = keys.shape[1], pages.shape[2]
     group = hq // hkv
     pages_per_block = pages_per_block or max(1, 64 // page_size)
     n_blocks = pl.cdiv(n_select, pages_per_block)
-    if num_splits is None:
-        num_splits = pl.cdiv(target_programs, b * hkv)
+    if num_splits is None:  # enough programs to fill the GPU, each with a few loop steps
+        num_splits = min(pl.cdiv(target_programs, b * hkv),
+                         pl.cdiv(n_blocks, min_blocks_per_split))
     num_splits = max(1, min(num_splits, n_blocks))
     pages_per_split = pl.cdiv(n_blocks, num_splits) * pages_per_block
     n_splits = pl.cdiv(n_select, pages_per_split)
@@ -150,7 +139,7 @@ def _pallas_gpu(q, keys, values, lengths, pages, count, page_size, *, sm_scale, 
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="quest_decode_attention",
     )(lengths.astype(jnp.int32), count, pages, q4, keys, values)
-    out, lse = _merge_splits(acc, m, l)
+    out, lse = merge_splits(acc, m, l)
     return out.reshape(b, hq, d), lse.reshape(b, hq)
 
 
@@ -259,14 +248,15 @@ def quest_decode_attention(q, keys, values, lengths, pages, count, page_size: in
       implementation: "pallas_gpu", "pallas_tpu" or "reference"; None picks the GPU kernel on a
         GPU backend (shapes it supports, no sliding window), else the reference.
       interpret: run the chosen Pallas kernel in interpret mode (CPU tests).
-      kernel_options (GPU): pages_per_block, num_splits or target_programs, num_warps,
-        num_stages.
+      kernel_options (GPU): pages_per_block, num_splits (or target_programs and
+        min_blocks_per_split, which choose it), num_warps, num_stages.
     """
     check_attention_inputs(q, keys, values, lengths, pages, count, page_size)
     impl = implementation
     if impl is None:
-        gpu_ok = jax.default_backend() == "gpu" and pallas_kernel_supports(q, keys, page_size) is None
-        impl = "pallas_gpu" if (interpret or gpu_ok) and sliding_window is None else "reference"
+        supported = pallas_kernel_supports(q, keys, page_size) is None
+        on_gpu = jax.default_backend() == "gpu" and supported
+        impl = "pallas_gpu" if (interpret or on_gpu) and sliding_window is None else "reference"
     if impl not in IMPLEMENTATIONS:
         raise UserError(f"implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
     if impl == "reference":

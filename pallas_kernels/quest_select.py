@@ -10,9 +10,9 @@ document (the reference is the documentation):
   then takes the max over the group and marks the newest page +inf and unused pages -inf.
 - `_select_kernel`, grid (batch, kv-head): one program holds the head's whole row of scores in
   registers and finds the K-th largest exactly by a radix select over the float bits (32 rounds
-  of compare-and-count, no sort); pages above it are kept, ties at it go to the lower pages
-  (a prefix sum), and the kept pages are compacted in ascending order by a second prefix sum and
-  a scatter store.
+  of compare-and-count by default, no sort); pages above it are kept, ties at it go to the lower
+  pages (a prefix sum), and the kept pages are compacted in ascending order by a second prefix
+  sum and a scatter store.
 
 GPU lowering: Pallas Triton (as `quantized_attention.py`). Elsewhere the dispatcher uses the
 reference; XLA's top_k is what a TPU would use anyway.
@@ -73,13 +73,13 @@ def _scores_kernel(length_ref, q_ref, min_ref, max_ref, out_ref, *, group, rows,
     plgpu.store(out_ref.at[pl.ds(p0, pages_per_block)], score, mask=page < n_pages_total)
 
 
-def _bit(bit: int) -> int:
-    """1 << bit as an int32 value (bit 31 is the sign bit)."""
-    return _INT_MIN if bit == 31 else 1 << bit
+def _int32(value: int) -> int:
+    """A 32-bit pattern as the int32 value it encodes."""
+    return value - (1 << 32) if value >= 1 << 31 else value
 
 
 def _select_kernel(length_ref, scores_ref, pages_ref, count_ref, *, n_select, padded_select,
-                   padded_pages, n_pages_total, page_size):
+                   padded_pages, n_pages_total, page_size, radix_bits):
     page = jnp.arange(padded_pages)
     s = plgpu.load(scores_ref.at[pl.ds(0, padded_pages)], mask=page < n_pages_total,
                    other=-jnp.inf)
@@ -88,12 +88,19 @@ def _select_kernel(length_ref, scores_ref, pages_ref, count_ref, *, n_select, pa
     # Float bits -> int32 in the same order (negative floats: flip all but the sign bit).
     bits = lax.bitcast_convert_type(s, jnp.int32)
     key = jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    # Radix select: the largest t (built bit by bit, in offset-binary) with #(key >= t) >= k.
+    # Radix select: the largest t with #(key >= t) >= k, built `radix_bits` bits per round
+    # (offset-binary, so that bit patterns order like unsigned numbers): each round counts the
+    # keys above every nonzero extension of the prefix (one 1-D reduction each; 2-D counts cost
+    # layout shuffles) and keeps the largest extension that still has k keys above it.
     prefix = jnp.int32(0)
-    for bit in range(31, -1, -1):
-        candidate = prefix | _bit(bit)
-        count = jnp.sum((key >= (candidate ^ _INT_MIN)).astype(jnp.int32))
-        prefix = jnp.where(count >= k, candidate, prefix)
+    for high in range(32, 0, -radix_bits):
+        shift = high - min(radix_bits, high)
+        best = jnp.int32(0)
+        for digit in range(1, 1 << (high - shift)):
+            candidate = (prefix | _int32(digit << shift)) ^ _INT_MIN
+            count = jnp.sum((key >= candidate).astype(jnp.int32))
+            best += (count >= k).astype(jnp.int32)
+        prefix = prefix | (best << shift)
     kth = prefix ^ _INT_MIN
     above = key > kth
     tie = key == kth
@@ -111,7 +118,7 @@ def _select_kernel(length_ref, scores_ref, pages_ref, count_ref, *, n_select, pa
 
 
 def _pallas_gpu(q, page_min, page_max, lengths, page_size, n_select, *, interpret,
-                pages_per_block=64, num_warps=4, select_warps=8):
+                pages_per_block=128, num_warps=4, select_warps=4, radix_bits=1):
     b, hq, d = q.shape
     hkv, n_pages = page_min.shape[1], page_min.shape[2]
     group = hq // hkv
@@ -134,7 +141,7 @@ def _pallas_gpu(q, page_min, page_max, lengths, page_size, n_select, *, interpre
         functools.partial(_select_kernel, n_select=n_select,
                           padded_select=pl.next_power_of_2(n_select),
                           padded_pages=pl.next_power_of_2(n_pages), n_pages_total=n_pages,
-                          page_size=page_size),
+                          page_size=page_size, radix_bits=radix_bits),
         grid=(b, hkv),
         in_specs=[scalar, _per_head(scores)],
         out_specs=[pl.BlockSpec((pl.squeezed, pl.squeezed, n_select), lambda i, h: (i, h, 0)),
@@ -191,7 +198,8 @@ def quest_select(q, page_min, page_max, lengths, page_size: int, n_select: int, 
 
     implementation: "pallas_gpu" or "reference"; None picks the kernels on a GPU backend, else
     the reference. interpret: run the Pallas kernels in interpret mode (any backend).
-    kernel_options: pages_per_block, num_warps (scores), select_warps (selection).
+    kernel_options: pages_per_block, num_warps (scores); select_warps, radix_bits (bits of the
+    threshold found per round, 2**radix_bits - 1 counts each) for the selection.
     """
     return quest_select_with_scores(q, page_min, page_max, lengths, page_size, n_select,
                                     implementation=implementation, interpret=interpret,

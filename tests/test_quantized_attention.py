@@ -14,7 +14,9 @@ from engine.errors import UserError
 from pallas_kernels import kv_packing as kp
 from pallas_kernels.quantized_attention import quantized_decode_attention
 from pallas_kernels.quantized_attention_reference import (
-    merge_attention_segments, quantized_decode_attention_reference)
+    merge_attention_segments,
+    quantized_decode_attention_reference,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 
@@ -23,33 +25,38 @@ TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
 
 def _kernel(q, k, v, length, **options):
-  return quantized_decode_attention(q, k, v, length, implementation="pallas_gpu",
-                                    interpret=not ON_GPU, **options)
+    return quantized_decode_attention(
+        q, k, v, length, implementation="pallas_gpu", interpret=not ON_GPU, **options
+    )
 
 
 def _rel_err(x, ref):
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  return np.linalg.norm(x - ref) / np.linalg.norm(ref)
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return np.linalg.norm(x - ref) / np.linalg.norm(ref)
 
 
 def _random_cache(seed, b, hkv, t, d, bits, fmt, dtype, group=32):
-  """Random codes, scales and zeros in the packed layout (not produced by a quantizer)."""
-  r = np.random.default_rng(seed)
-  f = lambda *shape, lo=0.02, hi=0.2: jnp.asarray(r.uniform(lo, hi, shape), dtype)
-  n = lambda *shape: jnp.asarray(r.normal(size=shape), dtype)
-  if fmt == "int8":
-    c = lambda: jnp.asarray(r.integers(-127, 128, (b, hkv, t, d)), jnp.int8)
-    return kp.QuantizedTensor.int8(c(), f(b, hkv, t)), kp.QuantizedTensor.int8(c(), f(b, hkv, t))
-  packed = lambda: jnp.asarray(r.integers(0, 256, (b, hkv, t, d * bits // 8)), jnp.uint8)
-  k = kp.QuantizedTensor(packed(), f(b, hkv, t // group, d), n(b, hkv, t // group, d), bits,
-                         group, "per_channel")
-  v = kp.QuantizedTensor(packed(), f(b, hkv, t, d // group), n(b, hkv, t, d // group), bits,
-                         group, "per_token")
-  return k, v
+    """Random codes, scales and zeros in the packed layout (not produced by a quantizer)."""
+    r = np.random.default_rng(seed)
+    f = lambda *shape, lo=0.02, hi=0.2: jnp.asarray(r.uniform(lo, hi, shape), dtype)
+    n = lambda *shape: jnp.asarray(r.normal(size=shape), dtype)
+    if fmt == "int8":
+        c = lambda: jnp.asarray(r.integers(-127, 128, (b, hkv, t, d)), jnp.int8)
+        return kp.QuantizedTensor.int8(c(), f(b, hkv, t)), kp.QuantizedTensor.int8(
+            c(), f(b, hkv, t)
+        )
+    packed = lambda: jnp.asarray(r.integers(0, 256, (b, hkv, t, d * bits // 8)), jnp.uint8)
+    k = kp.QuantizedTensor(
+        packed(), f(b, hkv, t // group, d), n(b, hkv, t // group, d), bits, group, "per_channel"
+    )
+    v = kp.QuantizedTensor(
+        packed(), f(b, hkv, t, d // group), n(b, hkv, t, d // group), bits, group, "per_token"
+    )
+    return k, v
 
 
 def _query(seed, b, hq, d, dtype):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=(b, hq, d)) * 2.0, dtype)
+    return jnp.asarray(np.random.default_rng(seed).normal(size=(b, hq, d)) * 2.0, dtype)
 
 
 # (format, bits, dtype, batch, kv_heads, gqa group, head_dim, slots, lengths)
@@ -68,142 +75,160 @@ CASES = [
 
 @pytest.mark.parametrize("fmt,bits,dtype,b,hkv,group,d,t,lengths", CASES)
 def test_kernel_matches_reference(fmt, bits, dtype, b, hkv, group, d, t, lengths):
-  k, v = _random_cache(bits * 7 + b, b, hkv, t, d, bits, fmt, dtype)
-  q = _query(b + group, b, hkv * group, d, dtype)
-  length = jnp.asarray(lengths, jnp.int32)
-  out, lse = _kernel(q, k, v, length, block=32, num_splits=2)
-  ref_out, ref_lse = quantized_decode_attention_reference(q, k, v, length)
-  assert out.shape == (b, hkv * group, d) and lse.shape == (b, hkv * group)
-  assert out.dtype == jnp.float32 and lse.dtype == jnp.float32
-  assert np.all(np.isfinite(np.asarray(out)))
-  assert _rel_err(out, ref_out) < TOL[dtype]
-  np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=TOL[dtype], atol=1e-3)
+    k, v = _random_cache(bits * 7 + b, b, hkv, t, d, bits, fmt, dtype)
+    q = _query(b + group, b, hkv * group, d, dtype)
+    length = jnp.asarray(lengths, jnp.int32)
+    out, lse = _kernel(q, k, v, length, block=32, num_splits=2)
+    ref_out, ref_lse = quantized_decode_attention_reference(q, k, v, length)
+    assert out.shape == (b, hkv * group, d) and lse.shape == (b, hkv * group)
+    assert out.dtype == jnp.float32 and lse.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(out)))
+    assert _rel_err(out, ref_out) < TOL[dtype]
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=TOL[dtype], atol=1e-3)
 
 
-@pytest.mark.parametrize("options", [dict(fast_convert=False), dict(mma="tf32"),
-                                     dict(block=128, num_splits=1)])
+@pytest.mark.parametrize(
+    "options", [dict(fast_convert=False), dict(mma="tf32"), dict(block=128, num_splits=1)]
+)
 def test_kernel_variants_match_reference(options):
-  k, v = _random_cache(3, 2, 2, 128, 64, 4, "kivi", jnp.bfloat16)
-  q = _query(4, 2, 8, 64, jnp.bfloat16)
-  length = jnp.asarray([120, 61], jnp.int32)
-  out, _ = _kernel(q, k, v, length, **{"block": 64, **options})
-  ref_out, _ = quantized_decode_attention_reference(q, k, v, length)
-  assert _rel_err(out, ref_out) < 1e-2
+    k, v = _random_cache(3, 2, 2, 128, 64, 4, "kivi", jnp.bfloat16)
+    q = _query(4, 2, 8, 64, jnp.bfloat16)
+    length = jnp.asarray([120, 61], jnp.int32)
+    out, _ = _kernel(q, k, v, length, **{"block": 64, **options})
+    ref_out, _ = quantized_decode_attention_reference(q, k, v, length)
+    assert _rel_err(out, ref_out) < 1e-2
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_dense_segment_matches_reference(dtype):
-  r = np.random.default_rng(21)
-  k, v = (jnp.asarray(r.normal(size=(2, 2, 100, 64)), dtype) for _ in range(2))
-  q = _query(22, 2, 8, 64, dtype)
-  length = jnp.asarray([100, 45], jnp.int32)
-  out, lse = _kernel(q, k, v, length, block=32)
-  ref_out, ref_lse = quantized_decode_attention_reference(q, k, v, length)
-  assert _rel_err(out, ref_out) < TOL[dtype] and _rel_err(lse, ref_lse) < TOL[dtype]
+    r = np.random.default_rng(21)
+    k, v = (jnp.asarray(r.normal(size=(2, 2, 100, 64)), dtype) for _ in range(2))
+    q = _query(22, 2, 8, 64, dtype)
+    length = jnp.asarray([100, 45], jnp.int32)
+    out, lse = _kernel(q, k, v, length, block=32)
+    ref_out, ref_lse = quantized_decode_attention_reference(q, k, v, length)
+    assert _rel_err(out, ref_out) < TOL[dtype] and _rel_err(lse, ref_lse) < TOL[dtype]
 
 
 def test_empty_segment_gives_zero_output_and_minus_inf_lse():
-  k, v = _random_cache(5, 2, 1, 64, 32, 4, "kivi", jnp.float32)
-  q = _query(6, 2, 4, 32, jnp.float32)
-  length = jnp.asarray([0, 40], jnp.int32)
-  for out, lse in (_kernel(q, k, v, length, block=32),
-                   quantized_decode_attention_reference(q, k, v, length)):
-    assert np.all(np.asarray(out[0]) == 0) and np.all(np.isneginf(np.asarray(lse[0])))
-    assert np.all(np.isfinite(np.asarray(lse[1])))
+    k, v = _random_cache(5, 2, 1, 64, 32, 4, "kivi", jnp.float32)
+    q = _query(6, 2, 4, 32, jnp.float32)
+    length = jnp.asarray([0, 40], jnp.int32)
+    for out, lse in (
+        _kernel(q, k, v, length, block=32),
+        quantized_decode_attention_reference(q, k, v, length),
+    ):
+        assert np.all(np.asarray(out[0]) == 0) and np.all(np.isneginf(np.asarray(lse[0])))
+        assert np.all(np.isfinite(np.asarray(lse[1])))
 
 
 def test_garbage_past_length_is_ignored():
-  k, v = _random_cache(7, 1, 2, 128, 64, 4, "kivi", jnp.float32)
-  q = _query(8, 1, 4, 64, jnp.float32)
-  length = jnp.asarray([70], jnp.int32)  # groups 0-2 of 32 hold valid slots, group 3 does not
-  nan = jnp.float32(jnp.nan)
-  k_bad = kp.QuantizedTensor(k.codes.at[:, :, 70:].set(255), k.scale.at[:, :, 3:].set(nan),
-                             k.zero.at[:, :, 3:].set(nan), 4, 32, "per_channel")
-  v_bad = kp.QuantizedTensor(v.codes.at[:, :, 70:].set(255), v.scale.at[:, :, 70:].set(nan),
-                             v.zero.at[:, :, 70:].set(1e30), 4, 32, "per_token")
-  out, lse = _kernel(q, k_bad, v_bad, length, block=32)
-  ref_out, ref_lse = _kernel(q, k, v, length, block=32)
-  assert _rel_err(out, ref_out) < 1e-6 and _rel_err(lse, ref_lse) < 1e-6
+    k, v = _random_cache(7, 1, 2, 128, 64, 4, "kivi", jnp.float32)
+    q = _query(8, 1, 4, 64, jnp.float32)
+    length = jnp.asarray([70], jnp.int32)  # groups 0-2 of 32 hold valid slots, group 3 does not
+    nan = jnp.float32(jnp.nan)
+    k_bad = kp.QuantizedTensor(
+        k.codes.at[:, :, 70:].set(255),
+        k.scale.at[:, :, 3:].set(nan),
+        k.zero.at[:, :, 3:].set(nan),
+        4,
+        32,
+        "per_channel",
+    )
+    v_bad = kp.QuantizedTensor(
+        v.codes.at[:, :, 70:].set(255),
+        v.scale.at[:, :, 70:].set(nan),
+        v.zero.at[:, :, 70:].set(1e30),
+        4,
+        32,
+        "per_token",
+    )
+    out, lse = _kernel(q, k_bad, v_bad, length, block=32)
+    ref_out, ref_lse = _kernel(q, k, v, length, block=32)
+    assert _rel_err(out, ref_out) < 1e-6 and _rel_err(lse, ref_lse) < 1e-6
 
 
 def test_merging_two_segments_equals_attending_to_both():
-  k, v = _random_cache(9, 2, 2, 128, 64, 4, "kivi", jnp.float32)
-  q = _query(10, 2, 8, 64, jnp.float32)
-  full = jnp.asarray([128, 128], jnp.int32)
-  # Segment 1: slots 0..63; segment 2: slots 64..127 (its own arrays, as a cache part would be).
-  head = lambda qt, sl, gsl: kp.QuantizedTensor(
-      qt.codes[:, :, sl], qt.scale[:, :, gsl], qt.zero[:, :, gsl], 4, 32, qt.granularity)
-  k1, k2 = head(k, slice(0, 64), slice(0, 2)), head(k, slice(64, 128), slice(2, 4))
-  v1, v2 = head(v, slice(0, 64), slice(0, 64)), head(v, slice(64, 128), slice(64, 128))
-  half = jnp.asarray([64, 64], jnp.int32)
-  o1, l1 = _kernel(q, k1, v1, half, block=32)
-  o2, l2 = _kernel(q, k2, v2, half, block=32)
-  out, lse = merge_attention_segments([o1, o2], [l1, l2])
-  ref_out, ref_lse = quantized_decode_attention_reference(q, k, v, full)
-  assert _rel_err(out, ref_out) < 1e-5 and _rel_err(lse, ref_lse) < 1e-5
+    k, v = _random_cache(9, 2, 2, 128, 64, 4, "kivi", jnp.float32)
+    q = _query(10, 2, 8, 64, jnp.float32)
+    full = jnp.asarray([128, 128], jnp.int32)
+    # Segment 1: slots 0..63; segment 2: slots 64..127 (its own arrays, as a cache part would be).
+    head = lambda qt, sl, gsl: kp.QuantizedTensor(
+        qt.codes[:, :, sl], qt.scale[:, :, gsl], qt.zero[:, :, gsl], 4, 32, qt.granularity
+    )
+    k1, k2 = head(k, slice(0, 64), slice(0, 2)), head(k, slice(64, 128), slice(2, 4))
+    v1, v2 = head(v, slice(0, 64), slice(0, 64)), head(v, slice(64, 128), slice(64, 128))
+    half = jnp.asarray([64, 64], jnp.int32)
+    o1, l1 = _kernel(q, k1, v1, half, block=32)
+    o2, l2 = _kernel(q, k2, v2, half, block=32)
+    out, lse = merge_attention_segments([o1, o2], [l1, l2])
+    ref_out, ref_lse = quantized_decode_attention_reference(q, k, v, full)
+    assert _rel_err(out, ref_out) < 1e-5 and _rel_err(lse, ref_lse) < 1e-5
 
 
 def test_reference_matches_float64_softmax_per_query_head():
-  b, hkv, group, t, d = 2, 2, 4, 64, 32
-  k, v = _random_cache(11, b, hkv, t, d, 4, "kivi", jnp.float32)
-  q = _query(12, b, hkv * group, d, jnp.float32)
-  length = np.array([64, 23])
-  out, lse = quantized_decode_attention_reference(q, k, v, jnp.asarray(length))
-  kf = np.asarray(kp.dequantize(k), np.float64)
-  vf = np.asarray(kp.dequantize(v), np.float64)
-  qn = np.asarray(q, np.float64)
-  for bi in range(b):
-    for h in range(hkv * group):
-      n = length[bi]
-      s = kf[bi, h // group, :n] @ qn[bi, h] / np.sqrt(d)
-      np.testing.assert_allclose(lse[bi, h], np.log(np.sum(np.exp(s))), rtol=1e-5)
-      p = np.exp(s - s.max())
-      np.testing.assert_allclose(out[bi, h], p @ vf[bi, h // group, :n] / p.sum(), rtol=1e-4,
-                                 atol=1e-5)
+    b, hkv, group, t, d = 2, 2, 4, 64, 32
+    k, v = _random_cache(11, b, hkv, t, d, 4, "kivi", jnp.float32)
+    q = _query(12, b, hkv * group, d, jnp.float32)
+    length = np.array([64, 23])
+    out, lse = quantized_decode_attention_reference(q, k, v, jnp.asarray(length))
+    kf = np.asarray(kp.dequantize(k), np.float64)
+    vf = np.asarray(kp.dequantize(v), np.float64)
+    qn = np.asarray(q, np.float64)
+    for bi in range(b):
+        for h in range(hkv * group):
+            n = length[bi]
+            s = kf[bi, h // group, :n] @ qn[bi, h] / np.sqrt(d)
+            np.testing.assert_allclose(lse[bi, h], np.log(np.sum(np.exp(s))), rtol=1e-5)
+            p = np.exp(s - s.max())
+            np.testing.assert_allclose(
+                out[bi, h], p @ vf[bi, h // group, :n] / p.sum(), rtol=1e-4, atol=1e-5
+            )
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_pack_unpack_roundtrip(bits):
-  codes = jnp.asarray(np.random.default_rng(bits).integers(0, 2**bits, (2, 3, 64)), jnp.uint8)
-  packed = kp.pack_codes(codes, bits)
-  assert packed.shape == (2, 3, 64 * bits // 8)
-  np.testing.assert_array_equal(kp.unpack_codes(packed, bits), codes)
-  if bits == 4:  # little end first: channel 0 in the low nibble
-    assert int(packed[0, 0, 0]) == int(codes[0, 0, 0]) | int(codes[0, 0, 1]) << 4
+    codes = jnp.asarray(np.random.default_rng(bits).integers(0, 2**bits, (2, 3, 64)), jnp.uint8)
+    packed = kp.pack_codes(codes, bits)
+    assert packed.shape == (2, 3, 64 * bits // 8)
+    np.testing.assert_array_equal(kp.unpack_codes(packed, bits), codes)
+    if bits == 4:  # little end first: channel 0 in the low nibble
+        assert int(packed[0, 0, 0]) == int(codes[0, 0, 0]) | int(codes[0, 0, 1]) << 4
 
 
 @pytest.mark.parametrize("quantize", ["per_channel", "per_token", "int8"])
 def test_quantizers_are_within_half_a_step(quantize):
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 2, 64, 64)), jnp.float32)
-  if quantize == "int8":
-    qt = kp.quantize_int8_symmetric(x, jnp.float32)
-    step = np.repeat(np.asarray(qt.scale), 64, axis=3)
-  else:
-    fn = kp.quantize_per_channel if quantize == "per_channel" else kp.quantize_per_token
-    qt = fn(x, 4, 32, jnp.float32)
-    step = np.repeat(np.asarray(qt.scale), 32, axis=2 if quantize == "per_channel" else 3)
-  err = np.abs(np.asarray(kp.dequantize(qt)) - np.asarray(x))
-  assert np.all(err <= step / 2 + 1e-5)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 2, 64, 64)), jnp.float32)
+    if quantize == "int8":
+        qt = kp.quantize_int8_symmetric(x, jnp.float32)
+        step = np.repeat(np.asarray(qt.scale), 64, axis=3)
+    else:
+        fn = kp.quantize_per_channel if quantize == "per_channel" else kp.quantize_per_token
+        qt = fn(x, 4, 32, jnp.float32)
+        step = np.repeat(np.asarray(qt.scale), 32, axis=2 if quantize == "per_channel" else 3)
+    err = np.abs(np.asarray(kp.dequantize(qt)) - np.asarray(x))
+    assert np.all(err <= step / 2 + 1e-5)
 
 
 def test_dispatcher_uses_the_reference_off_gpu():
-  k, v = _random_cache(13, 1, 1, 32, 32, 4, "kivi", jnp.float32)
-  q = _query(14, 1, 1, 32, jnp.float32)
-  length = jnp.asarray([20], jnp.int32)
-  out, _ = quantized_decode_attention(q, k, v, length)
-  ref_out, _ = quantized_decode_attention_reference(q, k, v, length)
-  if not ON_GPU:
-    np.testing.assert_array_equal(out, ref_out)
-  assert _rel_err(out, ref_out) < 1e-5
+    k, v = _random_cache(13, 1, 1, 32, 32, 4, "kivi", jnp.float32)
+    q = _query(14, 1, 1, 32, jnp.float32)
+    length = jnp.asarray([20], jnp.int32)
+    out, _ = quantized_decode_attention(q, k, v, length)
+    ref_out, _ = quantized_decode_attention_reference(q, k, v, length)
+    if not ON_GPU:
+        np.testing.assert_array_equal(out, ref_out)
+    assert _rel_err(out, ref_out) < 1e-5
 
 
 def test_bad_inputs_raise_user_error():
-  k, v = _random_cache(15, 1, 2, 64, 32, 4, "kivi", jnp.float32)
-  length = jnp.asarray([10], jnp.int32)
-  with pytest.raises(UserError, match="multiple of kv heads"):
-    quantized_decode_attention(_query(0, 1, 3, 32, jnp.float32), k, v, length)
-  with pytest.raises(UserError, match="implementation"):
-    quantized_decode_attention(_query(0, 1, 2, 32, jnp.float32), k, v, length,
-                               implementation="cuda")
-  with pytest.raises(UserError, match="T % group_size"):
-    kp.quantize_per_channel(jnp.ones((1, 1, 40, 32)), 4)
+    k, v = _random_cache(15, 1, 2, 64, 32, 4, "kivi", jnp.float32)
+    length = jnp.asarray([10], jnp.int32)
+    with pytest.raises(UserError, match="multiple of kv heads"):
+        quantized_decode_attention(_query(0, 1, 3, 32, jnp.float32), k, v, length)
+    with pytest.raises(UserError, match="implementation"):
+        quantized_decode_attention(
+            _query(0, 1, 2, 32, jnp.float32), k, v, length, implementation="cuda"
+        )
+    with pytest.raises(UserError, match="T % group_size"):
+        kp.quantize_per_channel(jnp.ones((1, 1, 40, 32)), 4)

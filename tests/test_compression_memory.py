@@ -1,0 +1,64 @@
+"""Compression saves real memory, and compressing nothing changes nothing.
+
+The context's KV bytes after compression equal the theoretical size: the kept tokens' keys and
+values, plus at most one block of slots per stream (capacities are rounded up to a block), plus
+the int32 positions (and, head-wise, head tags) of the slots."""
+
+import numpy as np
+import pytest
+
+from compression.adakv import AdaKV
+from compression.base import Budget
+from compression.compress import Compression, Plan, compress
+from compression.pyramidkv import PyramidKV
+from compression.registry import make_compression
+from compression.select import BLOCK
+from compression.snapkv import SnapKV
+from engine.generation import generate
+from engine.kv_state import FlatKVCache
+from tests.compression_harness import engine_kept_positions, random_context, tiny_config
+from tests.hf_reference import converted, tiny_hf_model
+
+
+@pytest.mark.parametrize("method", [SnapKV(window_size=8), PyramidKV(window_size=8),
+                                    AdaKV(SnapKV(window_size=8))], ids=type)
+@pytest.mark.parametrize("ratio", [0.5, 0.875])
+def test_context_bytes_equal_the_theoretical_size(method, ratio, monkeypatch):
+    config = tiny_config(num_layers=3)
+    n = 600
+    compression = Compression(method, Budget(ratio=ratio))
+    captured = {}
+    real_compress = compress
+
+    def spy(*args, **kwargs):
+        captured["state"] = real_compress(*args, **kwargs)
+        return captured["state"]
+
+    monkeypatch.setattr("tests.compression_harness.compress", spy)
+    engine_kept_positions(config, compression, random_context(config, 1, n), [n])
+    plan = Plan.make(compression, [n], config.num_layers, config.num_kv_heads)
+    slot_bytes = 2 * config.head_dim * 4  # float32 key + value
+    for layer, kept in zip(captured["state"].layers, plan.n_kept[:, 0]):
+        context = layer.context
+        kv_bytes = context.keys.nbytes + context.values.nbytes
+        theoretical = int(kept) * config.num_kv_heads * slot_bytes
+        flat = isinstance(context, FlatKVCache)
+        streams = 1 if flat else config.num_kv_heads
+        assert theoretical <= kv_bytes <= theoretical + streams * BLOCK * slot_bytes
+        slots = kv_bytes // slot_bytes
+        metadata = context.nbytes() - kv_bytes
+        assert metadata == slots * 4 * (2 if flat else 1) + context.lengths.nbytes
+    kept_fraction = plan.n_kept.sum() / (n * config.num_layers)
+    assert abs(kept_fraction - (1 - ratio)) < 0.01
+
+
+@pytest.mark.parametrize("spec", ["snapkv", "pyramidkv", "adakv", "h2o"])
+def test_ratio_zero_generates_what_no_compression_generates(spec):
+    config, params = converted(tiny_hf_model("llama"))
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(3, config.vocab_size, n).tolist() for n in (90, 70)]
+    questions = [rng.integers(3, config.vocab_size, n).tolist() for n in (5, 9)]
+    plain = generate(params, config, prompts, 16, questions=questions).tokens
+    zero = generate(params, config, prompts, 16, questions=questions,
+                    compression=make_compression(spec, Budget(ratio=0.0))).tokens
+    assert zero == plain
