@@ -37,6 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.quantized_attention_bench import read_bandwidth  # noqa: E402
 from pallas_kernels.quest_attention import quest_decode_attention  # noqa: E402
 from pallas_kernels.quest_reference import page_metadata  # noqa: E402
 from pallas_kernels.quest_select import quest_select, quest_select_with_scores  # noqa: E402
@@ -44,24 +45,6 @@ from pallas_kernels.quest_select import quest_select, quest_select_with_scores  
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 L2_DEFEAT_BYTES = 200e6  # > 4x the H100's 50 MB L2
 KERNEL = dict(implementation="pallas_gpu")  # --interpret adds interpret=True (CPU smoke test)
-
-
-def read_bandwidth(n_bytes=2 << 30, reps=15):
-    """Bytes/s of the fastest of three large float32 reductions (read-only traffic)."""
-    x = jax.random.normal(jax.random.PRNGKey(0), (n_bytes // 4,), jnp.float32)
-    best = 0.0
-    for red in (jnp.sum, lambda a: jnp.sum(a.reshape(-1, 4096), axis=1),
-                lambda a: jnp.sum(a.reshape(4096, -1), axis=0)):
-        f = jax.jit(red)
-        f(x).block_until_ready()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            f(x).block_until_ready()
-            times.append(time.perf_counter() - t0)
-        best = max(best, n_bytes / statistics.median(times))
-    del x
-    return best
 
 
 def warm_up(seconds=2.0):
@@ -207,7 +190,7 @@ def main(argv=None):
     print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__},"
           f" {datetime.date.today()}", flush=True)
     warm_up()
-    bw = read_bandwidth()
+    bw = read_bandwidth(2 << 30, reps=15)
     print(f"read bandwidth (fastest 2 GiB reduction): {bw / 1e12:.2f} TB/s", flush=True)
     t, n_pages = args.context, args.context // PAGE
     rows = []
