@@ -2,7 +2,7 @@
 Llama-3.1-8B: 32 layers, 8 kv-heads, head_dim 128, bf16) at a given cache length, each repeated
 for all layers inside one jitted loop, against the bytes each must move.
 
-    python -m benchmarks.decode_breakdown --context_length=32768
+    python -m benchmarks.decode_breakdown --context_length=32768 [--capacities=32800,33024]
 """
 
 import time
@@ -20,6 +20,8 @@ from models.params import init_random_params
 _CONTEXT = flags.DEFINE_integer("context_length", 32768, "Cache slots per stream.")
 _BATCH = flags.DEFINE_integer("batch_size", 1, "Sequences.")
 _PRESET = flags.DEFINE_enum("preset", "llama-3.1-8b", list(PRESETS), "Model shape.")
+_CAPACITIES = flags.DEFINE_list("capacities", [], "Also time the decode loop with caches of "
+                                "these many slots (64 of them free), e.g. 32800,33024.")
 
 
 def timed(fn, *args, repeats=5):
@@ -134,6 +136,27 @@ def main(argv):
     jax.block_until_ready(looped(params, s))
     rows.append(("per step, lax.while_loop of 16", (time.perf_counter() - start) / steps,
                  weight_bytes + kv_bytes * layers))
+    for capacity in map(int, _CAPACITIES.value):
+        filled = capacity - 64
+        sized = lambda: DecodeState(
+            tokens=jnp.zeros((b, steps + 1), jnp.int32), step=jnp.int32(1),
+            done=jnp.zeros((b,), bool), key=jax.random.key(1),
+            kv_state=KVState(layers=tuple(DenseKVCache(
+                keys=jnp.ones((b, h, capacity, d), jnp.bfloat16),
+                values=jnp.ones((b, h, capacity, d), jnp.bfloat16),
+                positions=jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), (b, h, capacity)),
+                lengths=jnp.full((b, h), filled, jnp.int32)) for _ in range(layers)),
+                next_positions=jnp.full((b,), filled, jnp.int32)))
+        jax.block_until_ready(looped(params, sized()))
+        best = float("inf")
+        for _ in range(3):
+            s = sized()
+            jax.block_until_ready(s)
+            start = time.perf_counter()
+            jax.block_until_ready(looped(params, s))
+            best = min(best, time.perf_counter() - start)
+        rows.append((f"per step, while_loop, {capacity} slots", best / steps,
+                     weight_bytes + 2 * layers * b * h * capacity * d * 2))
     s = fresh()
     jax.block_until_ready(s)
     start = time.perf_counter()

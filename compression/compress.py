@@ -15,7 +15,7 @@ import numpy as np
 
 from compression.base import Budget, Method, Store
 from compression.decode_eviction import DecodeEviction, EvictingKVCache
-from compression.select import keep_per_head, keep_per_layer, round_up
+from compression.select import capacity_for, keep_per_head, keep_per_layer
 from engine.errors import UserError
 from engine.kv_state import DenseKVCache, KVState, SegmentedCache
 from models.config import ModelConfig
@@ -63,9 +63,9 @@ class Plan:
         if method.head_wise:
             floors = np.vectorize(method.safeguard)(n_kept).astype(np.int32)
             streams = kv_heads
-        capacities = tuple(round_up(int(streams * row.max())) for row in n_kept)
+        capacities = tuple(capacity_for(int(streams * row.max())) for row in n_kept)
         if compression.decode_eviction:  # one spare slot takes each new token before eviction
-            capacities = (round_up(compression.budget.tokens + 1),) * num_layers
+            capacities = (capacity_for(compression.budget.tokens + 1),) * num_layers
         return cls(n_kept, floors, capacities)
 
     def rows(self, rows: slice) -> "Plan":

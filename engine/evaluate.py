@@ -7,7 +7,7 @@ Each batch of contexts is prefilled once; every (method, ratio) then compresses 
 appends the question and generates greedily, as kvpress's pipeline does. Besides the task score it
 measures how far each compressed run's next-token distributions move from the uncompressed run's,
 on the uncompressed run's own continuation: mean KL(full || compressed) and top-1 agreement.
-Writes results.json, results.md and score_vs_ratio.png to --output_dir.
+Writes results.json, results.md and score_vs_memory.png to --output_dir.
 """
 
 import dataclasses
@@ -23,6 +23,7 @@ from absl import flags
 
 from checkpoints_convert.load import load_checkpoint
 from compression.base import Budget
+from compression.compress import context_bytes
 from compression.observations import Needs
 from compression.registry import NAMES, make_compression, parse
 from compression.select import round_up
@@ -110,16 +111,20 @@ def evaluate_batch(checkpoint, samples, settings, max_new_tokens, kl_tokens):
     logits, full_state, observations = prefill(compiler, params, config, contexts, kv_state,
                                                needs, observations)
 
+    full_bytes = sum(lengths) * config.kv_bytes_per_token(params.embed.dtype.itemsize)
+
     def run(state, compression):
+        kept = 1.0
         if compression is not None:
             state = compress_contexts(compiler, compression, config, state, observations,
                                       lengths, after)
+            kept = context_bytes(state) / full_bytes
         forced_state = copy_state(state)
         first, state = feed_questions(compiler, params, config, questions, state, logits)
         out = decode(compiler, params, config, Sampling(), first, state, max_new_tokens, seed=0)
-        return generated_tokens(out, config), forced_state
+        return generated_tokens(out, config), forced_state, kept
 
-    base_tokens, base_forced = run(copy_state(full_state), None)
+    base_tokens, base_forced, _ = run(copy_state(full_state), None)
     # Compare distributions on the uncompressed run's continuation, up to where it ended.
     compared = np.arange(kl_tokens)[None] < np.array([len(t) for t in base_tokens])[:, None]
     continuations = [(t + [config.eos_token_ids[0]] * kl_tokens)[:kl_tokens] for t in base_tokens]
@@ -128,16 +133,16 @@ def evaluate_batch(checkpoint, samples, settings, max_new_tokens, kl_tokens):
     results = {}
     for setting in settings:
         if setting.budget is None:
-            tokens, logprobs = base_tokens, reference
+            tokens, logprobs, kept = base_tokens, reference, 1.0
         else:
-            tokens, forced = run(full_state, compressions[setting.label])
+            tokens, forced, kept = run(full_state, compressions[setting.label])
             logprobs = continuation_logits(params, config, forced, questions, continuations)
         texts = [tokenizer.decode(t) for t in tokens]
         kl = per_row(np.sum(np.exp(reference) * (reference - logprobs), axis=-1))
         agree = per_row(reference.argmax(-1) == logprobs.argmax(-1))
         results[setting.label] = dict(
             scores=[string_match_all(t, s.answers) for t, s in zip(texts, samples)],
-            kl=kl.tolist(), top1=agree.tolist(), outputs=texts)
+            kl=kl.tolist(), top1=agree.tolist(), outputs=texts, kv_kept=[kept])
     return results
 
 
@@ -172,39 +177,43 @@ def summarise(task_results: dict) -> list[dict]:
             rows.append(dict(task=task, method=name,
                              ratio=ratio if ratio >= 0 else None,
                              kv_budget=int(-ratio) if ratio < 0 else None,
+                             kv_kept=float(np.mean(r["kv_kept"])),
                              score=float(np.mean(r["scores"])), kl=float(np.mean(r["kl"])),
                              top1=float(np.mean(r["top1"])), samples=len(r["scores"])))
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| task | method | ratio | kv_budget | score | KL(full‖comp) | top-1 agree | n |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | method | ratio | kv_budget | KV kept | score | KL(full‖comp) | top-1 agree "
+             "| n |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = "" if r["ratio"] is None else f"{r['ratio']:g}"
         budget = "" if r["kv_budget"] is None else str(r["kv_budget"])
-        lines.append(f"| {r['task']} | {r['method']} | {ratio} | {budget} | {r['score']:.3f} | "
+        lines.append(f"| {r['task']} | {r['method']} | {ratio} | {budget} | "
+                     f"{100 * r['kv_kept']:.1f}% | {r['score']:.3f} | "
                      f"{r['kl']:.4f} | {r['top1']:.3f} | {r['samples']} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], path: str) -> None:
+    """Score against the context KV memory kept (bytes held over the uncompressed context's),
+    one line per method: ratios, budgets and quantized stores on one axis."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     tasks = sorted({r["task"] for r in rows})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        mine = [r for r in rows if r["task"] == task and r["ratio"] is not None]
+        mine = [r for r in rows if r["task"] == task]
         for method in sorted({r["method"] for r in mine if r["method"] != "none"}):
-            points = sorted((r["ratio"], r["score"]) for r in mine if r["method"] == method)
+            points = sorted((r["kv_kept"], r["score"]) for r in mine if r["method"] == method)
             ax.plot(*zip(*points), marker="o", label=method)
         baseline = [r["score"] for r in mine if r["method"] == "none"]
         if baseline:
             ax.axhline(baseline[0], color="black", linestyle="--", label="uncompressed")
-        ax.set(title=task, xlabel="compression ratio (fraction of KV removed)", ylabel="score",
-               ylim=(-0.05, 1.05))
-        ax.legend(fontsize=7)
+        ax.set(title=task, xlabel="context KV memory kept (fraction of uncompressed)",
+               ylabel="score", xscale="log", ylim=(-0.05, 1.05))
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -239,7 +248,7 @@ def run() -> None:
     table = markdown(rows)
     with open(os.path.join(_OUTPUT.value, "results.md"), "w") as f:
         f.write(table)
-    plot(rows, os.path.join(_OUTPUT.value, "score_vs_ratio.png"))
+    plot(rows, os.path.join(_OUTPUT.value, "score_vs_memory.png"))
     print(table)
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compression.compress import Compression, Plan, compress, context_bytes
-from compression.select import round_up
+from compression.select import capacity_for, round_up
 from compression.observations import LayerObservations
 from engine.errors import UserError
 from engine.kv_state import KVState
@@ -316,7 +316,7 @@ def generate(params: ModelParams, config: ModelConfig, prompts: list[list[int]],
     for start in range(0, batch, group):
         rows = slice(start, start + group)
         size = len(prompts[rows])
-        capacity = padded_length + (0 if compression else after_context)
+        capacity = padded_length if compression else capacity_for(padded_length + after_context)
         part = compiler(empty_kv_state, config, size, capacity, kv_dtype)()
         observations = needs and compiler(new_observations, needs, config, size, padded_length)()
         with Stopwatch(compiler) as prefill_time:

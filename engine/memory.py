@@ -9,6 +9,7 @@ an allocator trace.
 
 import dataclasses
 
+from compression.select import capacity_for
 from engine.errors import UserError
 from models.config import ModelConfig
 
@@ -30,10 +31,11 @@ class MemoryModel:
 
     def decode_state_bytes(self, batch: int) -> int:
         c = self.config
-        slots = ([self.padded_length] * c.num_layers if self.context_slots is None
-                 else list(self.context_slots))
-        return batch * c.num_kv_heads * self.slot_bytes() * sum(
-            s + self.after_context for s in slots)
+        if self.context_slots is None:
+            slots = [capacity_for(self.padded_length + self.after_context)] * c.num_layers
+        else:
+            slots = [s + self.after_context for s in self.context_slots]
+        return batch * c.num_kv_heads * self.slot_bytes() * sum(slots)
 
     def prefill_bytes(self, group: int) -> int:
         """The transient peak of prefilling `group` contexts in one fused pass."""

@@ -1,7 +1,10 @@
 """Synthetic long-context tasks, generated from a seed (no downloads), and their scorers.
 
 - `passkey`: a 5-digit key hidden in repeated filler at a random depth (Mohtashami & Jaggi 2023,
-  "Landmark Attention"), asked for in raw-completion form.
+  "Landmark Attention"), asked for in raw-completion form. The filler is one repeated sentence
+  of plain prose (`PROSE`) rather than the paper's "The grass is green..." lines: over those,
+  SmolLM2-135M-Instruct retrieves the key in 1 of 8 samples at 2,400 tokens against 7 of 8
+  over prose (CPU, 2026-11-23), so the task would measure the filler, not the compression.
 - `niah_single`, `niah_multikey`, `niah_multivalue`: RULER's needle-in-a-haystack variants
   (Hsieh et al. 2024, "RULER: What's the Real Context Size of Your Long-Context Language
   Models?") over RULER's "noise" haystack: one needle; several needles with different keys, one
@@ -23,6 +26,8 @@ import numpy as np
 from engine.errors import UserError
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PROSE = ("The history of the region is long and complicated, and many people have written about "
+         "it over the years in books and letters.")
 WORDS = (
     "apple river stone cloud garden window silver forest candle bridge mountain pencil ocean "
     "thunder blanket mirror harbor lantern meadow violin castle feather island rocket velvet "
@@ -161,5 +166,5 @@ def make_samples(task: str, count_tokens: Callable[[str], int], context_tokens: 
     rng = np.random.default_rng([seed, list(TASKS).index(task)])
     if task in WORD_LIST_TASKS:
         return [TASKS[task](rng, count_tokens, context_tokens) for _ in range(num_samples)]
-    haystack = _Haystack(count_tokens, context_tokens)
+    haystack = _Haystack(count_tokens, context_tokens, PROSE if task == "passkey" else NOISE)
     return [TASKS[task](rng, haystack) for _ in range(num_samples)]

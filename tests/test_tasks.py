@@ -50,6 +50,8 @@ def test_evaluate_cli_writes_table_json_and_plot(tmp_path):
     baseline = next(r for r in rows if r["method"] == "none")
     assert baseline["kl"] == pytest.approx(0.0, abs=1e-6) and baseline["top1"] == 1.0
     assert {r["method"] for r in rows} == {"none", "knorm"}
+    knorm = next(r for r in rows if r["method"] == "knorm")
+    assert baseline["kv_kept"] == 1.0 and 0.45 <= knorm["kv_kept"] <= 0.7  # half, slots rounded
     assert all(0.0 <= r["score"] <= 1.0 for r in rows)
-    assert (tmp_path / "score_vs_ratio.png").stat().st_size > 0
+    assert (tmp_path / "score_vs_memory.png").stat().st_size > 0
     assert "| passkey | knorm | 0.5 |" in (tmp_path / "results.md").read_text()
