@@ -78,15 +78,24 @@ class Plan:
 def compress(compression: Compression, config: ModelConfig, kv_state: KVState, observations,
              context_lengths, n_kept, floors, capacities: tuple[int, ...],
              recent_capacity: int) -> KVState:
-    """Returns the KV state with every layer a `SegmentedCache` (compressed context + recent),
-    or an `EvictingKVCache` with decode-time eviction."""
+    """Returns the KV state with every layer a `DenseKVCache` holding the kept tokens and
+    `recent_capacity` free slots (uniform budgets), a `SegmentedCache` (compressed context +
+    recent: head-wise budgets, stores) or an `EvictingKVCache` with decode-time eviction."""
     method = compression.method
+    # Uniform budgets without a store: the kept tokens and the tokens to come share one cache,
+    # so a decode step runs one attention per layer instead of two and a merge.
+    joined = not (method.head_wise or compression.store is not None
+                  or compression.decode_eviction)
     layers = []
     for i, cache in enumerate(kv_state.layers):
         observed = None if observations is None else observations[i]
         scores = method.score(observed, cache, context_lengths, config)
         if method.head_wise:
             context = keep_per_layer(cache, scores, n_kept[i], floors[i], capacities[i])
+        elif joined:
+            layers.append(keep_per_head(cache, scores, n_kept[i],
+                                        capacity_for(capacities[i] + recent_capacity)))
+            continue
         else:
             context = keep_per_head(cache, scores, n_kept[i], capacities[i])
         if compression.decode_eviction:
@@ -111,6 +120,13 @@ def _kept_attention_sums(observed, context: DenseKVCache):
     return jnp.take_along_axis(observed.column_sums, slots, axis=2)
 
 
-def context_bytes(kv_state: KVState) -> int:
-    """Bytes of the compressed context segments (what compression saves on)."""
-    return sum(getattr(layer, "context", layer).nbytes() for layer in kv_state.layers)
+def context_bytes(kv_state: KVState, reserved: int) -> int:
+    """Bytes of the compressed context (what compression saves on): a segmented layer's context
+    segment; a cache shared with the tokens to come, less its `reserved` slots for them."""
+    total = 0
+    for layer in kv_state.layers:
+        if isinstance(layer, DenseKVCache):
+            total += layer.nbytes() * (layer.capacity - reserved) // layer.capacity
+        else:
+            total += getattr(layer, "context", layer).nbytes()
+    return total

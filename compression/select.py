@@ -35,15 +35,20 @@ def _valid_scores(cache: DenseKVCache, scores):
 
 
 def keep_per_head(cache: DenseKVCache, scores, n_kept, capacity: int) -> DenseKVCache:
-    """Each (sequence, kv-head) keeps its n_kept[b] best tokens in a cache of `capacity` slots."""
-    _, chosen = jax.lax.top_k(_valid_scores(cache, scores), capacity)
-    kept = jnp.arange(capacity)[None, None, :] < n_kept[:, None, None]
+    """Each (sequence, kv-head) keeps its n_kept[b] best tokens in a cache of `capacity` slots
+    (slots past n_kept stay free for tokens appended later)."""
+    chosen_count = min(capacity, cache.capacity)
+    _, chosen = jax.lax.top_k(_valid_scores(cache, scores), chosen_count)
+    kept = jnp.arange(chosen_count)[None, None, :] < n_kept[:, None, None]
     order = jnp.sort(jnp.where(kept, chosen, cache.capacity), axis=-1)  # kept first, by slot
+    order = jnp.pad(order, [(0, 0), (0, 0), (0, capacity - chosen_count)],
+                    constant_values=cache.capacity)
     slots = jnp.minimum(order, cache.capacity - 1)
-    take = lambda x: jnp.take_along_axis(x, slots[..., None], axis=2)
+    free = (order == cache.capacity)
+    take = lambda x: jnp.where(free[..., None], 0, jnp.take_along_axis(x, slots[..., None], axis=2))
     positions = jnp.take_along_axis(cache.positions, slots, axis=2)
     return DenseKVCache(keys=take(cache.keys), values=take(cache.values),
-                        positions=jnp.where(order < cache.capacity, positions, EMPTY_POSITION),
+                        positions=jnp.where(free, EMPTY_POSITION, positions),
                         lengths=jnp.broadcast_to(n_kept[:, None], cache.lengths.shape))
 
 

@@ -7,8 +7,8 @@ Weights are random in the preset's real shapes (speed does not depend on their v
 method and batch size it reports prefill tokens/s (compression included), decode tokens/s, and
 the decode step's time against its floor: the bytes a step must read (every weight once, the
 embedding rows aside, plus the KV state the method keeps) over the measured HBM read bandwidth.
-Each measurement is the second of two identical runs: the first pays every compiled program's
-first execution (module loading, autotuning), which is not throughput. `max` picks the largest
+A first run of one prefill group pays the compiled programs' first execution (module loading,
+autotuning), which is not throughput; then the measured run. `max` picks the largest
 batch the memory model says fits; a batch that does not fit is refused before anything runs. `--peer` first runs the same workload through HF transformers + kvpress
 (`benchmarks/peer_kvpress.py`, batch 1) in a subprocess, so both sides are measured in one run.
 """
@@ -108,10 +108,10 @@ def measure(params, config, method: str, batch_spec: str, bandwidth: float, limi
     memory.check(batch, group, limit)
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, config.vocab_size, (batch, _CONTEXT.value)).tolist()
-    for _ in range(2):  # the first run pays every program's first execution; time the second
-        result = None  # frees the first run's KV state
-        result = generate(params, config, prompts, _STEPS.value, compression=compression,
-                          prefill_batch=group)
+    generate(params, config, prompts[:group], _STEPS.value, compression=compression,
+             prefill_batch=group)  # pays the prefill's and compression's first executions
+    result = generate(params, config, prompts, _STEPS.value, compression=compression,
+                      prefill_batch=group)
     steps = _STEPS.value - 1  # the first token comes from the prefill's logits
     step_seconds = result.decode_seconds / steps
     step_bytes = step_weight_bytes(params) + result.kv_bytes

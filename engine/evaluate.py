@@ -118,7 +118,7 @@ def evaluate_batch(checkpoint, samples, settings, max_new_tokens, kl_tokens):
         if compression is not None:
             state = compress_contexts(compiler, compression, config, state, observations,
                                       lengths, after)
-            kept = context_bytes(state) / full_bytes
+            kept = context_bytes(state, after) / full_bytes
         forced_state = copy_state(state)
         first, state = feed_questions(compiler, params, config, questions, state, logits)
         out = decode(compiler, params, config, Sampling(), first, state, max_new_tokens, seed=0)

@@ -34,14 +34,14 @@ class MemoryModel:
         if self.context_slots is None:
             slots = [capacity_for(self.padded_length + self.after_context)] * c.num_layers
         else:
-            slots = [s + self.after_context for s in self.context_slots]
+            slots = [capacity_for(s + self.after_context) for s in self.context_slots]
         return batch * c.num_kv_heads * self.slot_bytes() * sum(slots)
 
     def prefill_bytes(self, group: int) -> int:
         """The transient peak of prefilling `group` contexts in one fused pass."""
         c = self.config
         tokens = group * self.padded_length
-        activations = tokens * (4 * c.hidden_size + 3 * c.intermediate_size
+        activations = tokens * (4 * c.hidden_size + 4 * c.intermediate_size
                                 + 2 * c.num_heads * c.head_dim) * self.itemsize
         full_cache = 0 if self.context_slots is None else (
             tokens * c.num_layers * c.num_kv_heads * self.slot_bytes())

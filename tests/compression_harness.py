@@ -18,6 +18,8 @@ from engine.kv_state import DenseKVCache, FlatKVCache, KVState, group_queries
 from models.config import ModelConfig
 from models.rope import apply_rope
 
+RECENT_SLOTS = 16  # free slots left after the kept tokens for what follows
+
 
 def tiny_config(num_layers=3, num_heads=8, num_kv_heads=2, head_dim=16) -> ModelConfig:
     return ModelConfig(vocab_size=32, hidden_size=num_heads * head_dim, intermediate_size=32,
@@ -72,8 +74,9 @@ def engine_kept_positions(config: ModelConfig, compression: Compression, layers,
                           tuple(observations) if needs.any() else None,
                           jnp.asarray(lengths, jnp.int32), jnp.asarray(plan.n_kept),
                           jnp.asarray(plan.floors), capacities=plan.capacities,
-                          recent_capacity=16)
-    return [kept_positions(layer.context, config.num_kv_heads) for layer in compressed.layers]
+                          recent_capacity=RECENT_SLOTS)
+    return [kept_positions(getattr(layer, "context", layer), config.num_kv_heads)
+            for layer in compressed.layers]
 
 
 @functools.partial(jax.jit, static_argnames=("needs",))

@@ -1,12 +1,18 @@
-"""`python -m engine.generate` answers bad input with one line and a non-zero exit."""
+"""`python -m engine.generate` (and `engine.benchmark`) answer bad input with one line and a
+non-zero exit."""
 
 import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from checkpoints_convert.load import default_checkpoint_path
+from engine.memory import MemoryModel
+from models.config import PRESETS
+from models.params import init_random_params, param_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,3 +93,20 @@ def test_compressed_run_reports_smaller_context_kv():
     assert result.returncode == 0, result.stderr
     before, after = result.stdout.split("context KV ")[1].split(" | ")[0].split(" -> ")
     assert float(after.split()[0]) < 0.3 * float(before.split()[0])
+
+
+def test_benchmark_refuses_a_batch_that_cannot_fit_and_names_the_largest():
+    config = PRESETS["smollm2-135m"]
+    weights = param_bytes(jax.eval_shape(lambda: init_random_params(
+        config, jax.random.key(0), jnp.float32)))
+    memory = MemoryModel(config, weights, 4, padded_length=2048, after_context=16,
+                         context_slots=None)
+    limit = 6 * 2**30
+    largest = memory.largest_batch(limit, 1)
+    per_row = memory.decode_state_bytes(1)  # independent check: the KV of one more row overflows
+    assert memory.peak_bytes(largest, 1) <= limit < memory.peak_bytes(largest, 1) + per_row
+    result = run_cli("--preset=smollm2-135m", "--context_length=2048", "--decode_steps=16",
+                     "--dtype=float32", f"--batch_sizes={largest + 1}", "--memory_gb=6",
+                     module="engine.benchmark")
+    assert_one_line_error(result, f"batch {largest + 1} needs",
+                          f"largest batch that fits is {largest}")
