@@ -1,16 +1,19 @@
 """One decode step's attention over a long cache, Llama-3.1-8B shape, against the HBM floor.
 
   python benchmarks/quantized_attention_bench.py [--batch 1 16] [--slots 32768] [--sweep]
+      [--formats kivi4 int4 int8 bf16 kivi2] [--variants '{"block": 128}' ...]
 
 For each format (bf16 through XLA and through the Pallas kernel's dense path; MaxText int8; KIVI
-int4 and int2, group 32, bf16 scales) and batch size it reports the bytes one step must read
+int4 and int2: per-channel keys, per-token values; int4: the int4 store's per-token keys and
+values; groups of 32, bf16 scales) and batch size it reports the bytes one step must read
 (codes + scales + zeros + q), the floor time those bytes take at the device's read bandwidth
 (measured here once with a large reduction), the measured time and its % of the floor.
 
 Timing: a jitted chain of N independent attention calls (fresh q each, caches rotating over
 enough copies to defeat the L2 cache) is run many times; the time per call is the slope between
 a short and a long chain, which removes the fixed dispatch cost; the median of repeats is kept.
-With --sweep the kernel is also timed under variants of its tuning options and the best is shown.
+With --sweep the kernel is also timed under variants of its tuning options (--variants replaces
+them) and the best is shown.
 A Markdown table is printed last; --jsonl writes every measurement.
 """
 
@@ -41,11 +44,13 @@ DESIGN_BW = 2.88e12  # H100 read bandwidth in DESIGN.md, for comparison only
 L2_DEFEAT_BYTES = 200e6  # > 4x the H100's 50 MB L2
 
 SWEEP = {  # kernel options tried with --sweep, per format ({} = the defaults)
-    "int4": [{}, {"fast_convert": False}, {"block": 128}],
+    "kivi4": [{}, {"fast_convert": False}, {"block": 128}],
+    "int4": [{}, {"block": 128}],
     "int8": [{}, {"block": 128}],
-    "int2": [{}, {"block": 128}],
+    "kivi2": [{}, {"block": 128}],
     "bf16": [{}],
 }
+BITS = {"kivi4": 4, "int4": 4, "kivi2": 2}
 
 
 def read_bandwidth(n_bytes=4 << 30, reps=20):
@@ -92,16 +97,18 @@ def make_cache(fmt, key, b, t):
             QuantizedTensor.int8(codes(k1), scales(k2, (b, HKV, t))),
             QuantizedTensor.int8(codes(k3), scales(k4, (b, HKV, t))),
         )
-    bits = {"int4": 4, "int2": 2}[fmt]
+    bits = BITS[fmt]
     packed = lambda k: jax.random.bits(k, (b, HKV, t, D * bits // 8), jnp.uint8)
-    kq = QuantizedTensor(
-        packed(k1),
-        scales(k2, (b, HKV, t // GROUP, D)),
-        zeros(k3, (b, HKV, t // GROUP, D)),
-        bits,
-        GROUP,
-        "per_channel",
-    )
+    if fmt == "int4":  # keys quantized like values
+        k_groups = (b, HKV, t, D // GROUP)
+        kq = QuantizedTensor(
+            packed(k1), scales(k2, k_groups), zeros(k3, k_groups), bits, GROUP, "per_token"
+        )
+    else:
+        k_groups = (b, HKV, t // GROUP, D)
+        kq = QuantizedTensor(
+            packed(k1), scales(k2, k_groups), zeros(k3, k_groups), bits, GROUP, "per_channel"
+        )
     vq = QuantizedTensor(
         packed(k4),
         scales(k5, (b, HKV, t, D // GROUP)),
@@ -174,8 +181,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--slots", type=int, default=32768)
-    ap.add_argument("--formats", nargs="+", default=["int4", "int8", "bf16", "int2"])
+    ap.add_argument("--formats", nargs="+", default=["kivi4", "int4", "int8", "bf16", "kivi2"])
     ap.add_argument("--sweep", action="store_true", help="time the kernel's tuning variants too")
+    ap.add_argument(
+        "--variants", nargs="+", type=json.loads, default=None,
+        help="kernel options (JSON objects) to time for every format instead of the sweep's",
+    )
     ap.add_argument("--calls", type=int, default=16, help="calls in the long timing chain")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--jsonl", type=Path, default=None)
@@ -217,7 +228,8 @@ def main(argv=None):
             ]
             floor = step_bytes / bw
             variants = [("xla", None)] if fmt == "bf16" else []
-            variants += [("pallas", opts) for opts in (SWEEP[fmt] if args.sweep else [{}])]
+            options = args.variants or (SWEEP[fmt] if args.sweep else [{}])
+            variants += [("pallas", opts) for opts in options]
             try:
                 err = check_against_reference(caches, queries, length)
             except Exception as e:  # report and go on to the timings

@@ -36,7 +36,10 @@ def _rel_err(x, ref):
 
 
 def _random_cache(seed, b, hkv, t, d, bits, fmt, dtype, group=32):
-    """Random codes, scales and zeros in the packed layout (not produced by a quantizer)."""
+    """Random codes, scales and zeros in the packed layout (not produced by a quantizer).
+
+    fmt: "kivi" (per-channel keys, per-token values), "tok" (both per token: the int4 store),
+    "chan" (both per channel) or "int8" (MaxText)."""
     r = np.random.default_rng(seed)
     f = lambda *shape, lo=0.02, hi=0.2: jnp.asarray(r.uniform(lo, hi, shape), dtype)
     n = lambda *shape: jnp.asarray(r.normal(size=shape), dtype)
@@ -45,14 +48,14 @@ def _random_cache(seed, b, hkv, t, d, bits, fmt, dtype, group=32):
         return kp.QuantizedTensor.int8(c(), f(b, hkv, t)), kp.QuantizedTensor.int8(
             c(), f(b, hkv, t)
         )
-    packed = lambda: jnp.asarray(r.integers(0, 256, (b, hkv, t, d * bits // 8)), jnp.uint8)
-    k = kp.QuantizedTensor(
-        packed(), f(b, hkv, t // group, d), n(b, hkv, t // group, d), bits, group, "per_channel"
-    )
-    v = kp.QuantizedTensor(
-        packed(), f(b, hkv, t, d // group), n(b, hkv, t, d // group), bits, group, "per_token"
-    )
-    return k, v
+
+    def tensor(granularity):
+        shape = (b, hkv, t // group, d) if granularity == "per_channel" else (b, hkv, t, d // group)
+        codes = jnp.asarray(r.integers(0, 256, (b, hkv, t, d * bits // 8)), jnp.uint8)
+        return kp.QuantizedTensor(codes, f(*shape), n(*shape), bits, group, granularity)
+
+    k_gran = "per_token" if fmt == "tok" else "per_channel"
+    return tensor(k_gran), tensor("per_channel" if fmt == "chan" else "per_token")
 
 
 def _query(seed, b, hq, d, dtype):
@@ -61,6 +64,10 @@ def _query(seed, b, hq, d, dtype):
 
 # (format, bits, dtype, batch, kv_heads, gqa group, head_dim, slots, lengths)
 CASES = [
+    ("tok", 4, jnp.float32, 2, 2, 4, 128, 160, [150, 37]),
+    ("tok", 4, jnp.bfloat16, 1, 2, 8, 64, 96, [90]),
+    ("tok", 2, jnp.float32, 1, 1, 4, 128, 64, [50]),
+    ("chan", 4, jnp.float32, 1, 2, 4, 64, 128, [100]),
     ("kivi", 4, jnp.float32, 2, 2, 4, 64, 160, [150, 37]),
     ("kivi", 4, jnp.bfloat16, 3, 1, 8, 64, 192, [191, 64, 5]),
     ("kivi", 2, jnp.float32, 1, 2, 1, 64, 96, [77]),
@@ -85,6 +92,20 @@ def test_kernel_matches_reference(fmt, bits, dtype, b, hkv, group, d, t, lengths
     assert np.all(np.isfinite(np.asarray(out)))
     assert _rel_err(out, ref_out) < TOL[dtype]
     np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=TOL[dtype], atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "fmt,bits,group", [("kivi", 4, 64), ("kivi", 4, 128), ("tok", 4, 64), ("tok", 4, 128),
+                       ("kivi", 2, 64), ("kivi", 8, 128)]
+)
+def test_group_sizes_match_reference(fmt, bits, group):
+    # per-token groups of 64/128 channels, per-channel groups of 64/128 slots (the block grows)
+    k, v = _random_cache(group + bits, 2, 2, 256, 128, bits, fmt, jnp.float32, group)
+    q = _query(5, 2, 8, 128, jnp.float32)
+    length = jnp.asarray([256, 129], jnp.int32)
+    out, lse = _kernel(q, k, v, length, num_splits=3)
+    ref_out, ref_lse = quantized_decode_attention_reference(q, k, v, length)
+    assert _rel_err(out, ref_out) < 1e-5 and _rel_err(lse, ref_lse) < 1e-5
 
 
 @pytest.mark.parametrize(
@@ -186,14 +207,25 @@ def test_reference_matches_float64_softmax_per_query_head():
             )
 
 
+def _numpy_pack(codes, bits):
+    """The documented layout, bit by bit: channel c lives in byte c // P at bits
+    [(c % P) * bits, (c % P + 1) * bits), P = 8 // bits."""
+    per = 8 // bits
+    packed = np.zeros(codes.shape[:-1] + (codes.shape[-1] // per,), np.uint8)
+    for c in range(codes.shape[-1]):
+        packed[..., c // per] |= (codes[..., c].astype(np.uint8) << ((c % per) * bits)).astype(
+            np.uint8
+        )
+    return packed
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_pack_unpack_roundtrip(bits):
-    codes = jnp.asarray(np.random.default_rng(bits).integers(0, 2**bits, (2, 3, 64)), jnp.uint8)
-    packed = kp.pack_codes(codes, bits)
+def test_pack_codes_is_the_documented_layout(bits):
+    codes = np.random.default_rng(bits).integers(0, 2**bits, (2, 3, 64)).astype(np.uint8)
+    packed = kp.pack_codes(jnp.asarray(codes), bits)
     assert packed.shape == (2, 3, 64 * bits // 8)
+    np.testing.assert_array_equal(packed, _numpy_pack(codes, bits))
     np.testing.assert_array_equal(kp.unpack_codes(packed, bits), codes)
-    if bits == 4:  # little end first: channel 0 in the low nibble
-        assert int(packed[0, 0, 0]) == int(codes[0, 0, 0]) | int(codes[0, 0, 1]) << 4
 
 
 @pytest.mark.parametrize("quantize", ["per_channel", "per_token", "int8"])
