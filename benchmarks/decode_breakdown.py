@@ -157,6 +157,7 @@ def main(argv):
             best = min(best, time.perf_counter() - start)
         rows.append((f"per step, while_loop, {capacity} slots", best / steps,
                      weight_bytes + 2 * layers * b * h * capacity * d * 2))
+    jax.block_until_ready(step(params, fresh()))  # compiles the step for this state's shapes
     s = fresh()
     jax.block_until_ready(s)
     start = time.perf_counter()

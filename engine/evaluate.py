@@ -202,18 +202,20 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     tasks = sorted({r["task"] for r in rows})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(8 * len(tasks), 4.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         mine = [r for r in rows if r["task"] == task]
-        for method in sorted({r["method"] for r in mine if r["method"] != "none"}):
+        methods = sorted({r["method"] for r in mine if r["method"] != "none"})
+        for i, method in enumerate(methods):
             points = sorted((r["kv_kept"], r["score"]) for r in mine if r["method"] == method)
-            ax.plot(*zip(*points), marker="o", label=method)
+            ax.plot(*zip(*points), marker="osD^v<>ph*"[i % 10], color=plt.cm.tab20(i % 20),
+                    label=method)
         baseline = [r["score"] for r in mine if r["method"] == "none"]
         if baseline:
             ax.axhline(baseline[0], color="black", linestyle="--", label="uncompressed")
         ax.set(title=task, xlabel="context KV memory kept (fraction of uncompressed)",
                ylabel="score", xscale="log", ylim=(-0.05, 1.05))
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
