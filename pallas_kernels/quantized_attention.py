@@ -21,7 +21,9 @@ no dequantisation.
 
 GPU lowering: Pallas Triton (`plgpu.CompilerParams`). JAX 0.11 deprecates that backend in favour
 of Mosaic GPU but still runs it; a Mosaic GPU port is future work (see docs/kernels.md).
-TPU: no Mosaic TPU variant yet; on TPU the dispatcher uses the reference.
+TPU: the Mosaic TPU variant lives in quantized_attention_tpu.py (`implementation="pallas_tpu"`).
+It was checked on a CPU only (TPU interpret mode, Pallas-to-Mosaic lowering), so with
+`implementation=None` the dispatcher does not pick it: on TPU it uses the reference.
 
 Performance on an H100 (docs/kernels.md): dense bf16 and int8 at batch 16 run at 88-100% of
 the HBM floor; KIVI int4/int2 are bound by the in-register dequantisation (25-40%), and at
@@ -47,6 +49,7 @@ from pallas_kernels.quantized_attention_reference import (
     merge_attention_segments,
     quantized_decode_attention_reference,
 )
+from pallas_kernels.quantized_attention_tpu import pallas_tpu, pallas_tpu_supports
 
 __all__ = [
     "quantized_decode_attention",
@@ -56,7 +59,7 @@ __all__ = [
     "IMPLEMENTATIONS",
 ]
 
-IMPLEMENTATIONS = ("reference", "pallas_gpu")
+IMPLEMENTATIONS = ("reference", "pallas_gpu", "pallas_tpu")
 
 # JAX 0.11 warns once per lowering that Pallas Triton is deprecated; we know (module docstring).
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
@@ -421,18 +424,28 @@ def quantized_decode_attention(
     normalised over the segment; lse [B, Hq] float32, -inf where length == 0), plus:
 
     Args:
-      implementation: "pallas_gpu" (Pallas Triton kernel) or "reference" (plain JAX). None picks
-        the kernel on a GPU backend (when `pallas_kernel_supports` the shapes), else the reference.
+      implementation: "pallas_gpu" (Pallas Triton kernel), "pallas_tpu" (Mosaic TPU kernel,
+        quantized_attention_tpu.py) or "reference" (plain JAX). None picks the GPU kernel on a
+        GPU backend (when `pallas_kernel_supports` the shapes), else the reference: the TPU
+        kernel was checked in TPU interpret mode only (no TPU was available), so it runs only
+        when asked for.
       interpret: run the Pallas kernel in interpret mode (any backend, e.g. CPU tests).
-      **kernel_options: tuning for the kernel: block (slots per loop step), num_splits or
-        target_programs (sequence splits), num_warps, num_stages, fast_convert, mma.
+      **kernel_options: tuning for the GPU kernel: block (slots per loop step), num_splits or
+        target_programs (sequence splits), num_warps, num_stages, fast_convert, mma. The TPU
+        kernel takes block (slots per grid step) only.
     """
     check_decode_inputs(q, k, v, length)
     impl = implementation or _default_implementation(q, k, v, interpret)
     if impl == "reference":
         return quantized_decode_attention_reference(q, k, v, length, sm_scale=sm_scale)
-    if impl != "pallas_gpu":
+    if impl not in IMPLEMENTATIONS:
         raise UserError(f"implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    if impl == "pallas_tpu":
+        if (why := pallas_tpu_supports(q, k, v)) is not None:
+            raise UserError(
+                f"the TPU kernel cannot run this input ({why}); use implementation='reference'"
+            )
+        return pallas_tpu(q, k, v, length, sm_scale=sm_scale, interpret=interpret, **kernel_options)
     if (why := pallas_kernel_supports(q, k, v)) is not None:
         raise UserError(
             f"the Pallas kernel cannot run this input ({why}); use implementation='reference'"

@@ -1,14 +1,18 @@
-"""Quantized decode attention: the Pallas kernel against its plain-JAX reference.
+"""Quantized decode attention: the Pallas kernels against their plain-JAX reference.
 
-On a CPU the kernel runs in Pallas interpret mode; on a GPU backend the same tests run the
-compiled Triton kernel. Inputs are random (codes, scales, zeros, queries), never zeros.
+On a CPU the GPU kernel runs in Pallas interpret mode; on a GPU backend the same tests run the
+compiled Triton kernel. The TPU kernel runs in TPU interpret mode, on a CPU only. Inputs are
+random (codes, scales, zeros, queries), never zeros.
 """
+
+import dataclasses
 
 import numpy as np
 import pytest
 
 import jax
 import jax.numpy as jnp
+from jax import export
 
 from engine.errors import UserError
 from pallas_kernels import kv_packing as kp
@@ -39,10 +43,12 @@ def _random_cache(seed, b, hkv, t, d, bits, fmt, dtype, group=32):
     """Random codes, scales and zeros in the packed layout (not produced by a quantizer).
 
     fmt: "kivi" (per-channel keys, per-token values), "tok" (both per token: the int4 store),
-    "chan" (both per channel) or "int8" (MaxText)."""
+    "chan" (both per channel), "int8" (MaxText) or "dense" (plain arrays, no quantization)."""
     r = np.random.default_rng(seed)
     f = lambda *shape, lo=0.02, hi=0.2: jnp.asarray(r.uniform(lo, hi, shape), dtype)
     n = lambda *shape: jnp.asarray(r.normal(size=shape), dtype)
+    if fmt == "dense":
+        return n(b, hkv, t, d), n(b, hkv, t, d)
     if fmt == "int8":
         c = lambda: jnp.asarray(r.integers(-127, 128, (b, hkv, t, d)), jnp.int8)
         return kp.QuantizedTensor.int8(c(), f(b, hkv, t)), kp.QuantizedTensor.int8(
@@ -264,3 +270,100 @@ def test_bad_inputs_raise_user_error():
         )
     with pytest.raises(UserError, match="T % group_size"):
         kp.quantize_per_channel(jnp.ones((1, 1, 40, 32)), 4)
+
+
+# ----------------------------------------------------------------------------- the TPU kernel
+
+needs_cpu = pytest.mark.skipif(ON_GPU, reason="the TPU kernel is checked in interpret mode on CPU")
+
+
+def _tpu_kernel(q, k, v, length, **options):
+    return quantized_decode_attention(
+        q, k, v, length, implementation="pallas_tpu", interpret=True, **options
+    )
+
+
+def _poison_past_length(x, length):
+    """x with garbage in every slot at or past `length`: NaN values or scales, all-ones codes,
+    huge zeros (per-channel scales and zeros only in groups that hold no valid slot)."""
+    past = lambda n, step=1: (jnp.arange(n) * step >= length[:, None])[:, None, :, None]
+    if not isinstance(x, kp.QuantizedTensor):
+        return jnp.where(past(x.shape[2]), jnp.nan, x)
+    slots = past(x.shape[2])
+    codes = jnp.where(slots, jnp.asarray(-1).astype(x.codes.dtype), x.codes)
+    if x.granularity == "per_channel":
+        groups = past(x.scale.shape[2], x.group_size)
+        scale, zero = jnp.where(groups, jnp.nan, x.scale), x.zero
+        zero = None if zero is None else jnp.where(groups, jnp.nan, zero)
+    else:
+        scale, zero = jnp.where(slots, jnp.nan, x.scale), x.zero
+        zero = None if zero is None else jnp.where(slots, 1e30, zero)
+    return dataclasses.replace(x, codes=codes, scale=scale, zero=zero)
+
+
+# (format, bits, dtype, batch, kv_heads, gqa group, head_dim, slots, lengths, block); the default
+# block is 128 slots, 256 with per-channel groups of 32.
+TPU_CASES = [
+    ("kivi", 4, jnp.float32, 2, 2, 4, 64, 320, [300, 37], None),
+    ("kivi", 4, jnp.bfloat16, 2, 1, 8, 128, 192, [192, 0], None),
+    ("kivi", 2, jnp.float32, 1, 2, 1, 128, 256, [129], None),
+    ("kivi", 2, jnp.bfloat16, 1, 1, 4, 64, 512, [511], None),
+    ("kivi", 8, jnp.float32, 1, 2, 4, 64, 256, [200], None),
+    ("tok", 4, jnp.float32, 1, 2, 8, 128, 300, [299], None),
+    ("tok", 4, jnp.bfloat16, 2, 2, 4, 64, 200, [200, 64], 64),
+    ("chan", 4, jnp.float32, 1, 1, 4, 64, 256, [100], None),
+    ("int8", 8, jnp.float32, 2, 2, 8, 64, 150, [150, 99], None),
+    ("int8", 8, jnp.bfloat16, 2, 1, 1, 128, 77, [0, 76], 32),
+    ("dense", 0, jnp.float32, 1, 2, 4, 64, 140, [133], None),
+    ("dense", 0, jnp.bfloat16, 2, 1, 8, 128, 260, [5, 260], None),
+]
+
+
+@needs_cpu
+@pytest.mark.parametrize("fmt,bits,dtype,b,hkv,group,d,t,lengths,block", TPU_CASES)
+def test_tpu_kernel_matches_reference_with_garbage_past_length(
+    fmt, bits, dtype, b, hkv, group, d, t, lengths, block
+):
+    length = jnp.asarray(lengths, jnp.int32)
+    k, v = (
+        _poison_past_length(x, length)
+        for x in _random_cache(bits + b, b, hkv, t, d, bits, fmt, dtype)
+    )
+    q = _query(b + group, b, hkv * group, d, dtype)
+    out, lse = _tpu_kernel(q, k, v, length, block=block)
+    ref_out, ref_lse = quantized_decode_attention_reference(q, k, v, length)
+    assert out.shape == (b, hkv * group, d) and lse.shape == (b, hkv * group)
+    assert out.dtype == jnp.float32 and lse.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(out)))
+    assert _rel_err(out, ref_out) < TOL[dtype]
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=TOL[dtype], atol=1e-3)
+
+
+def test_tpu_kernel_lowers_to_mosaic():
+    # The Pallas-to-Mosaic lowering runs without a TPU; the Mosaic compiler itself does not.
+    length = jnp.asarray([300, 5], jnp.int32)
+    formats = [
+        ("kivi", 4, jnp.bfloat16),
+        ("kivi", 2, jnp.float32),
+        ("tok", 4, jnp.bfloat16),
+        ("int8", 8, jnp.bfloat16),
+        ("dense", 0, jnp.bfloat16),
+    ]
+    for fmt, bits, dtype in formats:
+        k, v = _random_cache(1, 2, 2, 512, 128, bits, fmt, dtype)
+        q = _query(2, 2, 8, 128, dtype)
+        kernel = lambda q, k, v, length: quantized_decode_attention(
+            q, k, v, length, implementation="pallas_tpu"
+        )
+        lowered = export.export(jax.jit(kernel), platforms=["tpu"])(q, k, v, length)
+        assert "tpu_custom_call" in lowered.mlir_module(), fmt
+
+
+def test_tpu_kernel_rejects_what_it_cannot_run():
+    q, length = _query(16, 1, 2, 64, jnp.float32), jnp.asarray([10], jnp.int32)
+    k, v = _random_cache(17, 1, 1, 64, 64, 4, "kivi", jnp.float32, group=4)
+    with pytest.raises(UserError, match="per_channel group_size"):
+        _tpu_kernel(q, k, v, length)
+    k, v = _random_cache(17, 1, 1, 64, 64, 4, "kivi", jnp.float32)
+    with pytest.raises(UserError, match="multiple of 256"):
+        _tpu_kernel(q, k, v, length, block=128)
