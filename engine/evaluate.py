@@ -197,7 +197,9 @@ def markdown(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: str) -> None:
     """Score against the context KV memory kept (bytes held over the uncompressed context's),
-    one line per method: ratios, budgets and quantized stores on one axis."""
+    one line per method: ratios, budgets and quantized stores on one axis. A run of token
+    budgets only is plotted against the budget instead: the tokens each decode step reads, which
+    is what Quest (keeping every token) shares with the eviction methods."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -206,15 +208,18 @@ def plot(rows: list[dict], path: str) -> None:
     for ax, task in zip(axes[0], tasks):
         mine = [r for r in rows if r["task"] == task]
         methods = sorted({r["method"] for r in mine if r["method"] != "none"})
+        by_budget = all(r["kv_budget"] is not None for r in mine if r["method"] != "none")
+        x = "kv_budget" if by_budget else "kv_kept"
         for i, method in enumerate(methods):
-            points = sorted((r["kv_kept"], r["score"]) for r in mine if r["method"] == method)
+            points = sorted((r[x], r["score"]) for r in mine if r["method"] == method)
             ax.plot(*zip(*points), marker="osD^v<>ph*"[i % 10], color=plt.cm.tab20(i % 20),
                     label=method)
         baseline = [r["score"] for r in mine if r["method"] == "none"]
         if baseline:
             ax.axhline(baseline[0], color="black", linestyle="--", label="uncompressed")
-        ax.set(title=task, xlabel="context KV memory kept (fraction of uncompressed)",
-               ylabel="score", xscale="log", ylim=(-0.05, 1.05))
+        xlabel = ("context tokens kept or read per decode step" if by_budget
+                  else "context KV memory kept (fraction of uncompressed)")
+        ax.set(title=task, xlabel=xlabel, ylabel="score", xscale="log", ylim=(-0.05, 1.05))
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
