@@ -64,6 +64,16 @@ def _random_cache(seed, b, hkv, t, d, bits, fmt, dtype, group=32):
     return tensor(k_gran), tensor("per_channel" if fmt == "chan" else "per_token")
 
 
+def _assert_matches_reference(out, lse, q, k, v, length, dtype):
+    """Shapes, dtypes and values of a kernel's (out, lse) against the reference's."""
+    ref_out, ref_lse = quantized_decode_attention_reference(q, k, v, length)
+    assert out.shape == q.shape and lse.shape == q.shape[:2]
+    assert out.dtype == jnp.float32 and lse.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(out)))
+    assert _rel_err(out, ref_out) < TOL[dtype]
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=TOL[dtype], atol=1e-3)
+
+
 def _query(seed, b, hq, d, dtype):
     return jnp.asarray(np.random.default_rng(seed).normal(size=(b, hq, d)) * 2.0, dtype)
 
@@ -92,12 +102,7 @@ def test_kernel_matches_reference(fmt, bits, dtype, b, hkv, group, d, t, lengths
     q = _query(b + group, b, hkv * group, d, dtype)
     length = jnp.asarray(lengths, jnp.int32)
     out, lse = _kernel(q, k, v, length, block=32, num_splits=2)
-    ref_out, ref_lse = quantized_decode_attention_reference(q, k, v, length)
-    assert out.shape == (b, hkv * group, d) and lse.shape == (b, hkv * group)
-    assert out.dtype == jnp.float32 and lse.dtype == jnp.float32
-    assert np.all(np.isfinite(np.asarray(out)))
-    assert _rel_err(out, ref_out) < TOL[dtype]
-    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=TOL[dtype], atol=1e-3)
+    _assert_matches_reference(out, lse, q, k, v, length, dtype)
 
 
 @pytest.mark.parametrize(
@@ -331,12 +336,7 @@ def test_tpu_kernel_matches_reference_with_garbage_past_length(
     )
     q = _query(b + group, b, hkv * group, d, dtype)
     out, lse = _tpu_kernel(q, k, v, length, block=block)
-    ref_out, ref_lse = quantized_decode_attention_reference(q, k, v, length)
-    assert out.shape == (b, hkv * group, d) and lse.shape == (b, hkv * group)
-    assert out.dtype == jnp.float32 and lse.dtype == jnp.float32
-    assert np.all(np.isfinite(np.asarray(out)))
-    assert _rel_err(out, ref_out) < TOL[dtype]
-    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=TOL[dtype], atol=1e-3)
+    _assert_matches_reference(out, lse, q, k, v, length, dtype)
 
 
 def test_tpu_kernel_lowers_to_mosaic():
