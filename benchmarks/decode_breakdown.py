@@ -121,51 +121,46 @@ def main(argv):
     best = best_step_seconds(tiny)
     rows.append(("decode step, 64-slot cache", best, weight_bytes))
     steps = 16
-    fresh = lambda: DecodeState(tokens=jnp.zeros((b, steps + 1), jnp.int32), step=jnp.int32(1),
-                                done=jnp.zeros((b,), bool),
-                                kv_state=KVState(
-                                    layers=tuple(jax.tree.map(jnp.copy, cache)
-                                                 for _ in range(layers)),
-                                    next_positions=jnp.full((b,), c - 64, jnp.int32)),
-                                key=jax.random.key(1))
-    looped = jax.jit(lambda p, s: decode_loop(p, config, Sampling(), s), donate_argnums=1)
-    jax.block_until_ready(looped(params, fresh()))
-    s = fresh()
-    jax.block_until_ready(s)
-    start = time.perf_counter()
-    jax.block_until_ready(looped(params, s))
-    rows.append(("per step, lax.while_loop of 16", (time.perf_counter() - start) / steps,
-                 weight_bytes + kv_bytes * layers))
-    for capacity in map(int, _CAPACITIES.value):
+
+    def loop_state(capacity):
+        """A decode state with `capacity` cache slots per stream, 64 of them free."""
         filled = capacity - 64
-        sized = lambda: DecodeState(
-            tokens=jnp.zeros((b, steps + 1), jnp.int32), step=jnp.int32(1),
-            done=jnp.zeros((b,), bool), key=jax.random.key(1),
-            kv_state=KVState(layers=tuple(DenseKVCache(
-                keys=jnp.ones((b, h, capacity, d), jnp.bfloat16),
-                values=jnp.ones((b, h, capacity, d), jnp.bfloat16),
-                positions=jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), (b, h, capacity)),
-                lengths=jnp.full((b, h), filled, jnp.int32)) for _ in range(layers)),
-                next_positions=jnp.full((b,), filled, jnp.int32)))
-        jax.block_until_ready(looped(params, sized()))
+        layer = lambda: DenseKVCache(
+            keys=jnp.ones((b, h, capacity, d), jnp.bfloat16),
+            values=jnp.ones((b, h, capacity, d), jnp.bfloat16),
+            positions=jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), (b, h, capacity)),
+            lengths=jnp.full((b, h), filled, jnp.int32))
+        return DecodeState(tokens=jnp.zeros((b, steps + 1), jnp.int32), step=jnp.int32(1),
+                           done=jnp.zeros((b,), bool), key=jax.random.key(1),
+                           kv_state=KVState(layers=tuple(layer() for _ in range(layers)),
+                                            next_positions=jnp.full((b,), filled, jnp.int32)))
+
+    def per_step_seconds(run, capacity):
+        """Best of three runs of `steps` steps from a fresh state, after a compiling run."""
+        jax.block_until_ready(run(loop_state(capacity)))
         best = float("inf")
         for _ in range(3):
-            s = sized()
+            s = loop_state(capacity)
             jax.block_until_ready(s)
             start = time.perf_counter()
-            jax.block_until_ready(looped(params, s))
+            jax.block_until_ready(run(s))
             best = min(best, time.perf_counter() - start)
-        rows.append((f"per step, while_loop, {capacity} slots", best / steps,
-                     weight_bytes + 2 * layers * b * h * capacity * d * 2))
-    jax.block_until_ready(step(params, fresh()))  # compiles the step for this state's shapes
-    s = fresh()
-    jax.block_until_ready(s)
-    start = time.perf_counter()
-    for _ in range(steps):
-        s = step(params, s)
-    jax.block_until_ready(s)
-    rows.append(("per step, Python loop of 16 jitted steps", (time.perf_counter() - start) / steps,
-                 weight_bytes + kv_bytes * layers))
+        return best / steps
+
+    def python_loop(s):
+        for _ in range(steps):
+            s = step(params, s)
+        return s
+
+    looped = jax.jit(lambda p, s: decode_loop(p, config, Sampling(), s), donate_argnums=1)
+    while_loop = lambda s: looped(params, s)
+    loop_bytes = lambda capacity: weight_bytes + 2 * layers * b * h * capacity * d * 2
+    rows.append(("per step, lax.while_loop of 16", per_step_seconds(while_loop, c), loop_bytes(c)))
+    for capacity in map(int, _CAPACITIES.value):
+        rows.append((f"per step, while_loop, {capacity} slots",
+                     per_step_seconds(while_loop, capacity), loop_bytes(capacity)))
+    rows.append(("per step, Python loop of 16 jitted steps", per_step_seconds(python_loop, c),
+                 loop_bytes(c)))
     for name, seconds, nbytes in rows:
         rate = f"{nbytes / seconds / 1e12:.2f} TB/s" if nbytes else ""
         print(f"{name:40s} {1e3 * seconds:8.2f} ms  {rate}")

@@ -12,10 +12,8 @@ store: prompts that match, passkeys found, and the mean KL(uncompressed || store
 next-token distributions over the uncompressed continuation (teacher-forced).
 """
 
-import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
@@ -28,7 +26,7 @@ from engine.generation import (Compiler, compress_contexts, decode, feed_questio
 from engine.kv_state import KVState
 from engine.sampling import Sampling
 from engine.tasks import make_samples, string_match_all
-from models import llama
+from engine.teacher_forcing import continuation_log_probs, copy_state
 
 _STORES = flags.DEFINE_list("stores", ["kivi4", "kivi2", "int8"], "Quantized stores compared.")
 _PROMPTS = flags.DEFINE_integer("num_prompts", 20, "Seeded passkey prompts.")
@@ -37,17 +35,6 @@ _NEW = flags.DEFINE_integer("new_tokens", 16, "Greedy tokens generated per promp
 _BATCH = flags.DEFINE_integer("batch_size", 10, "Prompts per batch.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the prompts.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model (default: SmolLM2-135M-Instruct).")
-
-
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("kv_state",))
-def forced_log_probs(params, config, tokens, valid, kv_state: KVState):
-    """Next-token log-probabilities at every position of `tokens` fed after the KV state."""
-    hidden, _, _ = llama.forward(params, config, tokens, valid, kv_state)
-    return jax.nn.log_softmax(llama.logits(params, hidden), axis=-1)
-
-
-def copy_state(kv_state):
-    return jax.tree.map(jnp.copy, kv_state)
 
 
 def run_batch(checkpoint, contexts, questions, specs):
@@ -73,13 +60,8 @@ def run_batch(checkpoint, contexts, questions, specs):
         if continuations is None:  # the uncompressed run's, padded with EOS where it ended
             continuations = [(t + [config.eos_token_ids[0]] * _NEW.value)[:_NEW.value]
                              for t in tokens]
-        sequences = [q + c[:-1] for q, c in zip(questions, continuations)]
-        padded = pad_prompts(sequences)
-        valid = np.arange(padded.shape[1])[None] < np.array([len(s) for s in sequences])[:, None]
-        log_probs = np.asarray(forced_log_probs(params, config, jnp.asarray(padded),
-                                                jnp.asarray(valid), forced_state))
-        index = np.array([len(q) - 1 + np.arange(_NEW.value) for q in questions])
-        results[spec] = (tokens, np.take_along_axis(log_probs, index[..., None], axis=1))
+        results[spec] = (tokens, continuation_log_probs(params, config, forced_state, questions,
+                                                        continuations))
     return results
 
 

@@ -240,8 +240,8 @@ def main(argv=None):
                   f"  [{time.perf_counter() - t_start:.0f}s]", flush=True)
         del caches
 
-    print(f"\n| batch | attention | impl | bytes read (MB) | floor (us) | time (us) | % of floor |"
-          f" speed-up vs best full |")
+    print("\n| batch | attention | impl | bytes read (MB) | floor (us) | time (us) | % of floor |"
+          " speed-up vs best full |")
     print("|---|---|---|---|---|---|---|---|")
     for b in args.batch:
         mine = [r for r in rows if r["batch"] == b]

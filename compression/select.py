@@ -11,8 +11,6 @@ import jax.numpy as jnp
 from engine.kv_state import EMPTY_POSITION, DenseKVCache, FlatKVCache
 
 BLOCK = 16  # capacities are rounded up to this many slots, so few shapes get compiled
-
-
 WIDE_BLOCK = 256  # and from WIDE_FROM slots up to this many (see `capacity_for`)
 WIDE_FROM = 2048
 
@@ -44,11 +42,10 @@ def keep_per_head(cache: DenseKVCache, scores, n_kept, capacity: int) -> DenseKV
     order = jnp.pad(order, [(0, 0), (0, 0), (0, capacity - chosen_count)],
                     constant_values=cache.capacity)
     slots = jnp.minimum(order, cache.capacity - 1)
-    free = (order == cache.capacity)
-    take = lambda x: jnp.where(free[..., None], 0, jnp.take_along_axis(x, slots[..., None], axis=2))
+    take = lambda x: jnp.take_along_axis(x, slots[..., None], axis=2)
     positions = jnp.take_along_axis(cache.positions, slots, axis=2)
     return DenseKVCache(keys=take(cache.keys), values=take(cache.values),
-                        positions=jnp.where(free, EMPTY_POSITION, positions),
+                        positions=jnp.where(order < cache.capacity, positions, EMPTY_POSITION),
                         lengths=jnp.broadcast_to(n_kept[:, None], cache.lengths.shape))
 
 

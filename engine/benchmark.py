@@ -8,9 +8,10 @@ method and batch size it reports prefill tokens/s (compression included), decode
 the decode step's time against its floor: the bytes a step must read (every weight once, the
 embedding rows aside, plus the KV state the method keeps) over the measured HBM read bandwidth.
 A first run of one prefill group pays the compiled programs' first execution (module loading,
-autotuning), which is not throughput; then the measured run. `max` picks the largest
-batch the memory model says fits; a batch that does not fit is refused before anything runs. `--peer` first runs the same workload through HF transformers + kvpress
-(`benchmarks/peer_kvpress.py`, batch 1) in a subprocess, so both sides are measured in one run.
+autotuning), which is not throughput; then the measured run. `max` picks the largest batch the
+memory model says fits; a batch that does not fit is refused before anything runs. `--peer` first
+runs the same workload through HF transformers + kvpress (`benchmarks/peer_kvpress.py`, batch 1)
+in a subprocess, so both sides are measured in one run.
 """
 
 import json

@@ -32,10 +32,9 @@ from engine.errors import UserError
 from engine.generation import (Compiler, compress_contexts, decode, feed_questions,
                                empty_kv_state, generated_tokens, new_observations, pad_prompts,
                                prefill)
-from engine.kv_state import KVState
 from engine.sampling import Sampling
 from engine.tasks import TASKS, make_samples, string_match_all
-from models import llama
+from engine.teacher_forcing import continuation_log_probs, copy_state
 
 _TASKS = flags.DEFINE_list("tasks", ["passkey"], f"Tasks: {', '.join(TASKS)}.")
 _METHODS = flags.DEFINE_list("methods", ["snapkv"], "Methods (see engine.generate --compress), "
@@ -67,29 +66,6 @@ class Setting:
             return BASELINE
         return (self.name, self.budget.ratio if self.budget.ratio is not None
                 else -float(self.budget.tokens))
-
-
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("kv_state",))
-def forced_logits(params, config, tokens, valid, kv_state: KVState):
-    """Logits at every position of `tokens` fed after the KV state (teacher forcing)."""
-    hidden, _, _ = llama.forward(params, config, tokens, valid, kv_state)
-    return llama.logits(params, hidden)
-
-
-def continuation_logits(params, config, kv_state, questions, continuations):
-    """log-probabilities [b, k, vocab] of each continuation token given the question and the
-    continuation before it."""
-    sequences = [q + c[:-1] for q, c in zip(questions, continuations)]
-    tokens = pad_prompts(sequences)
-    valid = np.arange(tokens.shape[1])[None] < np.array([len(s) for s in sequences])[:, None]
-    logits = forced_logits(params, config, jnp.asarray(tokens), jnp.asarray(valid), kv_state)
-    k = len(continuations[0])
-    index = np.array([len(q) - 1 + np.arange(k) for q in questions])
-    return jax.nn.log_softmax(np.take_along_axis(np.asarray(logits), index[..., None], 1), -1)
-
-
-def copy_state(kv_state):
-    return jax.tree.map(jnp.copy, kv_state)
 
 
 def evaluate_batch(checkpoint, samples, settings, max_new_tokens, kl_tokens):
@@ -128,7 +104,7 @@ def evaluate_batch(checkpoint, samples, settings, max_new_tokens, kl_tokens):
     # Compare distributions on the uncompressed run's continuation, up to where it ended.
     compared = np.arange(kl_tokens)[None] < np.array([len(t) for t in base_tokens])[:, None]
     continuations = [(t + [config.eos_token_ids[0]] * kl_tokens)[:kl_tokens] for t in base_tokens]
-    reference = continuation_logits(params, config, base_forced, questions, continuations)
+    reference = continuation_log_probs(params, config, base_forced, questions, continuations)
     per_row = lambda x: (x * compared).sum(axis=1) / compared.sum(axis=1)
     results = {}
     for setting in settings:
@@ -136,7 +112,7 @@ def evaluate_batch(checkpoint, samples, settings, max_new_tokens, kl_tokens):
             tokens, logprobs, kept = base_tokens, reference, 1.0
         else:
             tokens, forced, kept = run(full_state, compressions[setting.label])
-            logprobs = continuation_logits(params, config, forced, questions, continuations)
+            logprobs = continuation_log_probs(params, config, forced, questions, continuations)
         texts = [tokenizer.decode(t) for t in tokens]
         kl = per_row(np.sum(np.exp(reference) * (reference - logprobs), axis=-1))
         agree = per_row(reference.argmax(-1) == logprobs.argmax(-1))

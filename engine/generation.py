@@ -337,7 +337,8 @@ def generate(params: ModelParams, config: ModelConfig, prompts: list[list[int]],
             logits, kv_state = whole(part_logits), jax.tree.map(whole, part)
         logits = logits.at[rows].set(part_logits)
         kv_state = _write_rows(kv_state, part, start)
-    context_after = context_bytes(kv_state, after_context) if compression else sum(context_lengths) * per_token
+    context_after = (context_bytes(kv_state, after_context) if compression
+                     else sum(context_lengths) * per_token)
     with Stopwatch(compiler) as question_time:
         logits, kv_state = feed_questions(compiler, params, config, questions, kv_state, logits)
         question_time.stop(logits)

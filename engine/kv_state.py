@@ -72,23 +72,6 @@ class DenseKVCache:
             lengths=jnp.minimum(self.lengths + valid.sum(axis=1, dtype=jnp.int32)[:, None],
                                 self.capacity))
 
-    def fill(self, keys, values, positions, valid) -> "DenseKVCache":
-        """`append` into an empty cache, as one contiguous write instead of a scatter (a fresh
-        prefill): the same result, padding slots left zero and free."""
-        tokens = keys.shape[1]
-        kept = valid[:, None, :]  # [b, 1, t]
-        place = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(
-            cache, jnp.where(kept[..., None], new.transpose(0, 2, 1, 3), 0).astype(cache.dtype),
-            0, axis=2)
-        return DenseKVCache(
-            keys=place(self.keys, keys), values=place(self.values, values),
-            positions=jax.lax.dynamic_update_slice_in_dim(
-                self.positions,
-                jnp.broadcast_to(jnp.where(kept, positions[:, None, :], EMPTY_POSITION),
-                                 (*self.lengths.shape, tokens)), 0, axis=2),
-            lengths=jnp.broadcast_to(valid.sum(axis=1, dtype=jnp.int32)[:, None],
-                                     self.lengths.shape))
-
     def partial(self, grouped_queries, query_positions, sliding_window: int | None = None):
         """Attention of grouped queries [batch, tokens, kv_heads, group, head_dim] over this cache:
         (normalised output, log-sum-exp, probabilities), see `engine.attention`."""

@@ -43,7 +43,7 @@ def decoder_layer(layer: LayerParams, cache, x, positions, valid, config: ModelC
     h = rms_norm(x, layer.attn_norm, config.rms_norm_eps)
     q_pre, k, v = project_qkv(layer, h, config)
     q, k = apply_rope(q_pre, positions, config), apply_rope(k, positions, config)
-    cache = cache.fill(k, v, positions, valid) if fresh else cache.append(k, v, positions, valid)
+    cache = cache.append(k, v, positions, valid)
     if fresh:
         attn = causal_self_attention(q, k, v, valid.sum(axis=1, dtype=jnp.int32),
                                      config.sliding_window)
