@@ -4,7 +4,9 @@ A method says what it needs (`Needs`); the prefill then keeps, per layer, only t
 - the last W post-RoPE queries of each context (SnapKV, PyramidKV, TOVA, AdaKV's default scorer);
 - the sum and sum of outer products of pre-RoPE queries past the sink tokens (ExpectedAttention);
 - the attention each cached key received, summed over all queries (H2O).
-Nothing N x N is kept: the column sums come from each chunk's attention as it runs.
+Nothing N x N is kept: the column sums come from each chunk's attention as it runs
+(`seen_column_sums`), or, in a one-piece prefill, from the column-sum kernel
+(`pallas_kernels.column_sums`).
 """
 
 import dataclasses
@@ -54,10 +56,10 @@ class LayerObservations:
             fields["column_sums"] = jnp.zeros((batch, kv_heads, capacity), jnp.float32)
         return cls(**fields)
 
-    def update(self, needs: Needs, queries_pre_rope, queries, probs, positions, valid):
-        """Adds one chunk: queries [b, t, heads, d] (before and after RoPE), attention
-        probabilities [b, kv_heads, group, t, slots] (None unless `needs.column_sums`),
-        positions and valid [b, t]."""
+    def update(self, needs: Needs, queries_pre_rope, queries, column_sums, positions, valid):
+        """Adds one chunk: queries [b, t, heads, d] (before and after RoPE), the attention each
+        cache slot received from the chunk's valid queries [b, kv_heads, slots <= capacity]
+        (None unless `needs.column_sums`), positions and valid [b, t]."""
         new = {}
         if needs.window:
             new["window_queries"], new["window_positions"] = _keep_last(
@@ -70,9 +72,16 @@ class LayerObservations:
             new["query_outer"] = self.query_outer + jnp.einsum("bthd,bthe->bhde", q, q)
             new["query_count"] = self.query_count + counted.sum(axis=1)
         if needs.column_sums:
-            seen = probs * valid[:, None, None, :, None]
-            new["column_sums"] = self.column_sums + seen.sum(axis=(2, 3))
+            missing = self.column_sums.shape[2] - column_sums.shape[2]
+            new["column_sums"] = self.column_sums + jnp.pad(column_sums,
+                                                            ((0, 0), (0, 0), (0, missing)))
         return dataclasses.replace(self, **new)
+
+
+def seen_column_sums(probs, valid):
+    """Attention probabilities [b, kv_heads, group, t, slots] -> what each slot received from
+    the valid queries, summed over the group: [b, kv_heads, slots]."""
+    return (probs * valid[:, None, None, :, None]).sum(axis=(2, 3))
 
 
 def _keep_last(kept, kept_positions, new, new_positions):

@@ -46,11 +46,13 @@ def causal_self_attention(queries, keys, values, lengths, sliding_window: int | 
     queries [b, t, heads, d], keys and values [b, t, kv_heads, d], lengths [b] valid tokens.
 
     On GPU with 16-bit inputs this is cuDNN's fused flash attention (no t x t scores in memory);
-    elsewhere XLA's. Padding queries (past `lengths`) come out as zeros.
+    elsewhere XLA's. Returns the output [b, t, heads, d] (padding queries, past `lengths`, come
+    out as zeros) and each query's log-sum-exp of its scaled scores [b, t, heads] float32 (what
+    the column-sum kernel needs to turn scores into probabilities).
     """
     fused = jax.default_backend() == "gpu" and queries.dtype in (jnp.bfloat16, jnp.float16)
     window = None if sliding_window is None else (sliding_window - 1, 0)
     return jax.nn.dot_product_attention(
         queries, keys, values, is_causal=True, query_seq_lengths=lengths,
         key_value_seq_lengths=lengths, local_window_size=window,
-        implementation="cudnn" if fused else None)
+        implementation="cudnn" if fused else None, return_residual=True)

@@ -127,14 +127,19 @@ def measure(params, config, method: str, batch_spec: str, bandwidth: float, limi
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | batch | prefill tok/s | scoring share | decode tok/s | step ms | floor ms "
-             "| of floor | KV GiB | peak GiB (pred.) | vs kvpress |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    """Markdown table of the rows. "prefill vs none": how much longer the method's whole prefill
+    (observing, scoring, compressing) takes than the uncompressed one's at the same batch."""
+    lines = ["| method | batch | prefill tok/s | prefill vs none | scoring share | decode tok/s "
+             "| step ms | floor ms | of floor | KV GiB | peak GiB (pred.) | vs kvpress |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    uncompressed = {r["batch"]: r["prefill_tok_s"] for r in rows if r["method"] == "none"}
     for r in rows:
         peer = r.get("peer_decode_tok_s")
         versus = f"{r['decode_tok_s'] / peer:.1f}x ({peer:.1f} tok/s)" if peer else ""
+        base = uncompressed.get(r["batch"]) if r["method"] != "none" else None
+        slower = f"{100 * (base / r['prefill_tok_s'] - 1):+.1f}%" if base else ""
         lines.append(
-            f"| {r['method']} | {r['batch']} | {r['prefill_tok_s']:.0f} | "
+            f"| {r['method']} | {r['batch']} | {r['prefill_tok_s']:.0f} | {slower} | "
             f"{100 * r['compression_share']:.1f}% | {r['decode_tok_s']:.1f} | {r['step_ms']:.2f} | "
             f"{r['floor_ms']:.2f} | {100 * r['of_floor']:.0f}% | {r['kv_gib']:.2f} | "
             f"{r['predicted_peak_gib']:.1f} | {versus} |")

@@ -101,12 +101,11 @@ def prefill(compiler: Compiler, params, config, prompts: list[list[int]], kv_sta
             needs=None, observations=None, padded_length: int | None = None, fresh=False):
     """Feeds right-padded prompts through `extend`; returns each row's last-token logits, the KV
     state and the observations (when `needs`). A `fresh` (empty) KV state takes the whole prompt
-    in one fused pass unless a scorer needs the attention probabilities (H2O); otherwise the
-    prompt goes in chunks of PREFILL_CHUNK tokens attending to the cache."""
+    in one fused pass; otherwise the prompt goes in chunks of PREFILL_CHUNK tokens attending to
+    the cache."""
     lengths = np.array([len(p) for p in prompts])
     longest = int(lengths.max())
     padded = pad_prompts(prompts, padded_length)
-    fresh = fresh and not (needs is not None and needs.column_sums)
     chunk = padded.shape[1] if fresh else min(PREFILL_CHUNK, padded.shape[1])
     spec = jax.ShapeDtypeStruct((len(prompts), chunk), jnp.int32)
     extend_fn = compiler(extend, params, config, spec, spec.update(dtype=bool), kv_state, needs,

@@ -9,11 +9,13 @@ read; this file only computes them.
 import jax
 import jax.numpy as jnp
 
+from compression.observations import seen_column_sums
 from engine.attention import causal_self_attention
 from engine.kv_state import KVState, group_queries
 from models.config import ModelConfig
 from models.params import LayerParams, ModelParams
 from models.rope import apply_rope
+from pallas_kernels.column_sums import attention_column_sums
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -45,17 +47,20 @@ def decoder_layer(layer: LayerParams, cache, x, positions, valid, config: ModelC
     q, k = apply_rope(q_pre, positions, config), apply_rope(k, positions, config)
     cache = cache.append(k, v, positions, valid)
     if fresh:
-        attn = causal_self_attention(q, k, v, valid.sum(axis=1, dtype=jnp.int32),
-                                     config.sliding_window)
+        lengths = valid.sum(axis=1, dtype=jnp.int32)
+        attn, lse = causal_self_attention(q, k, v, lengths, config.sliding_window)
         if needs is not None:
-            observations = observations.update(needs, q_pre, q, None, positions, valid)
+            sums = (attention_column_sums(q, k, lse, lengths, window=config.sliding_window)
+                    if needs.column_sums else None)
+            observations = observations.update(needs, q_pre, q, sums, positions, valid)
     elif needs is None:
         attn, cache = cache.attend(q, positions, config.sliding_window)
     else:
         out, _, probs = cache.partial(group_queries(q, config.num_kv_heads), positions,
                                       config.sliding_window)
         attn = out.astype(x.dtype)
-        observations = observations.update(needs, q_pre, q, probs, positions, valid)
+        sums = seen_column_sums(probs, valid) if needs.column_sums else None
+        observations = observations.update(needs, q_pre, q, sums, positions, valid)
     x = x + attn.reshape(*x.shape[:2], -1) @ layer.wo
     x = x + mlp(layer, rms_norm(x, layer.mlp_norm, config.rms_norm_eps))
     return x, cache, observations

@@ -13,10 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from compression.compress import Compression, Plan, compress
-from compression.observations import LayerObservations
+from compression.observations import LayerObservations, seen_column_sums
+from engine.attention import causal_self_attention
 from engine.kv_state import DenseKVCache, FlatKVCache, KVState, group_queries
 from models.config import ModelConfig
 from models.rope import apply_rope
+from pallas_kernels.column_sums import attention_column_sums
 
 RECENT_SLOTS = 16  # free slots left after the kept tokens for what follows
 
@@ -45,9 +47,12 @@ def random_context(config: ModelConfig, batch: int, n: int, seed: int = 0):
 
 
 def engine_kept_positions(config: ModelConfig, compression: Compression, layers,
-                          lengths: list[int], chunk: int = 16):
-    """Kept positions per layer: a list over layers of [batch][kv_head] -> sorted list of ints."""
+                          lengths: list[int], chunk: int = 16, one_piece: bool = False):
+    """Kept positions per layer: a list over layers of [batch][kv_head] -> sorted list of ints.
+    `one_piece`: the whole context in one chunk through the fused causal attention and the
+    column-sum kernel (or its reference, off GPU), as a fresh prefill runs."""
     batch, n = layers[0]["q"].shape[:2]
+    chunk = n if one_piece else chunk
     capacity = -(-n // chunk) * chunk
     needs = compression.method.needs()
     states, observations = [], []
@@ -62,7 +67,7 @@ def engine_kept_positions(config: ModelConfig, compression: Compression, layers,
             piece = lambda x: jnp.asarray(np.pad(x[:, start:start + chunk],
                                                  [(0, 0), (0, max(0, start + chunk - n)), (0, 0),
                                                   (0, 0)]))
-            cache, observed = _prefill_chunk(
+            cache, observed = (_prefill_one_piece if one_piece else _prefill_chunk)(
                 needs, cache, observed, piece(layer["q_pre"]), piece(layer["q"]),
                 piece(layer["k"]), piece(layer["v"]), jnp.asarray(positions, jnp.int32),
                 jnp.asarray(valid))
@@ -86,7 +91,20 @@ def _prefill_chunk(needs, cache, observed, q_pre, q, k, v, positions, valid):
     cache = cache.append(k, v, positions, valid)
     _, _, probs = cache.partial(group_queries(q, cache.keys.shape[1]), positions)
     if needs.any():
-        observed = observed.update(needs, q_pre, q, probs, positions, valid)
+        sums = seen_column_sums(probs, valid) if needs.column_sums else None
+        observed = observed.update(needs, q_pre, q, sums, positions, valid)
+    return cache, observed
+
+
+@functools.partial(jax.jit, static_argnames=("needs",))
+def _prefill_one_piece(needs, cache, observed, q_pre, q, k, v, positions, valid):
+    """The whole context at once, as `models.llama.decoder_layer` runs a fresh prefill."""
+    cache = cache.append(k, v, positions, valid)
+    lengths = valid.sum(axis=1, dtype=jnp.int32)
+    _, lse = causal_self_attention(q, k, v, lengths)
+    sums = attention_column_sums(q, k, lse, lengths) if needs.column_sums else None
+    if needs.any():
+        observed = observed.update(needs, q_pre, q, sums, positions, valid)
     return cache, observed
 
 

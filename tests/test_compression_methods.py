@@ -372,6 +372,15 @@ def test_h2o_chunked_column_sums_keep_same_tokens_as_one_shot_reference(budget):
 
 
 @pytest.mark.parametrize("budget", BUDGETS, ids=budget_id)
+def test_h2o_one_piece_prefill_keeps_same_tokens_as_one_shot_reference(budget):
+    # A fresh prefill: fused causal attention's log-sum-exp + the column-sum kernel (reference
+    # off GPU) instead of chunked probabilities.
+    kept = engine_kept_positions(CONFIG, Compression(H2O(), budget), context(), LENGTHS,
+                                 one_piece=True)
+    assert_same_kept(kept, reference_kept(h2o_scores, context(), budget))
+
+
+@pytest.mark.parametrize("budget", BUDGETS, ids=budget_id)
 def test_tova_keeps_same_tokens_as_reference(budget):
     kept = engine_kept(TOVA(), budget)
     assert_same_kept(kept, reference_kept(tova_scores, context(), budget))
