@@ -4,7 +4,9 @@ scores it: the attention each context key received, summed over all context quer
 the number of queries that could see it (n - j for the key at position j), then averaged over the
 query heads of each GQA group. Nothing is forced.
 
-The column sums come from the prefill's own attention, chunk by chunk (no N x N matrix is kept).
+The column sums of a one-piece prefill come from the Pallas kernel `pallas_kernels.column_sums`
+after cuDNN's fused attention (+28% over the uncompressed prefill at 32k on an H100, against
+8.2x before it), those of a chunked prefill from each chunk's attention; no N x N matrix is kept.
 Deviation: kvpress rounds the divisor n - j to bfloat16; here it is exact.
 
 The decode-time variant (`compression.decode_eviction`) follows the paper's heavy-hitter + recent

@@ -6,18 +6,22 @@ kernel then recomputes the scores once, turns them into probabilities with that 
 (no online softmax, nothing rescaled) and sums them down the columns, like the key-side loop of
 a flash-attention backward pass:
 
-- grid (batch, kv-head, key block): each program owns `block_k` keys of one kv-head and keeps
-  their running column sums in registers;
-- a loop walks the query blocks that can see those keys (from the block holding the first key
-  to the prompt's length, or to the end of the sliding window): for each query head of the
-  group, one `[block_q, D] @ [D, block_k]` product on the tensor cores (bf16 operands, float32
-  accumulation), `exp2` of the scores minus the log-sum-exp, masked by causality, the window and
-  the length, added into a `[block_q, block_k]` float32 tile whose rows are summed at the end;
-- no T x T matrix and no probabilities ever reach memory; the output is [B, Hkv, T] float32.
+- grid (batch, kv-head, key block): each program owns `block_k` keys of one kv-head;
+- the query heads of the group are rows of one matrix (the wrapper lays q out as
+  [B, Hkv, T * G, D], row t * G + h), so each loop step is one `[block_rows, D] @ [D, block_k]`
+  product on the tensor cores (bf16 operands, float32 accumulation) covering block_rows / G
+  queries of every head of the group;
+- the loop walks the query blocks that can see the program's keys (from the block holding the
+  first key to the prompt's length, or to the end of the sliding window); probabilities are
+  `ex2.approx` of the scores (in log2 units) minus the log-sum-exp; only the blocks that straddle
+  the diagonal, the length or the window are masked;
+- they add up in a `[block_rows, block_k]` float32 tile whose rows are summed once, after the
+  loop; no T x T matrix and no probabilities reach memory; the output is [B, Hkv, T] float32.
 
 Cost: one more Q K^T pass and one more exponential per visible score, about half the FLOPs of
-the attention forward pass. The dispatcher picks the kernel on a GPU backend and the reference
-elsewhere.
+the attention forward pass; on an H100 at 32k tokens, 10.3 ms per Llama-3.1-8B layer against
+15.1 ms for cuDNN's attention (docs/kernels.md). The dispatcher picks the kernel on a GPU backend
+for 16-bit q and the reference elsewhere.
 """
 
 from __future__ import annotations
