@@ -26,13 +26,12 @@ import numpy as np
 from absl import flags
 
 from compression.base import Budget
-from compression.compress import Plan
 from compression.registry import make_compression
 from compression.select import round_up
 from engine import cli
 from engine.errors import UserError
 from engine.generation import bucket, generate
-from engine.memory import MemoryModel
+from engine.memory import MemoryModel, sequence_state_bytes
 from models.config import PRESETS
 from models.params import init_random_params, param_bytes
 
@@ -99,11 +98,10 @@ def measure(params, config, method: str, batch_spec: str, bandwidth: float, limi
     compression = make_compression(method, budget)
     padded = bucket(_CONTEXT.value)
     after = round_up(_STEPS.value)
-    slots = None
-    if compression is not None:
-        plan = Plan.make(compression, [_CONTEXT.value], config.num_layers, config.num_kv_heads)
-        slots = plan.capacities
-    memory = MemoryModel(config, param_bytes(params), itemsize, padded, after, slots)
+    sequence_bytes = sequence_state_bytes(config, compression, _CONTEXT.value, padded, after,
+                                          jnp.dtype(_DTYPE.value))
+    memory = MemoryModel(config, param_bytes(params), itemsize, padded, sequence_bytes,
+                         compressed=compression is not None)
     group = _PREFILL_BATCH.value
     batch = memory.largest_batch(limit, group) if batch_spec == "max" else int(batch_spec)
     memory.check(batch, group, limit)

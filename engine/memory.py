@@ -1,19 +1,54 @@
 """Predicting device memory before a run, so that a batch that cannot fit is refused up front
 with the largest batch that does.
 
-The prediction counts the weights, the KV state held while decoding (every layer's slots, with
-positions), and the transient peak of prefilling one group of contexts: its full-size cache
-before compression, its activations and its logits. It is an estimate with a safety margin, not
-an allocator trace.
+The prediction counts the weights, the KV state held while decoding (one sequence's state, from
+the shapes the engine itself builds, times the batch), and the transient peak of prefilling one
+group of contexts: its full-size cache before compression, its activations and its logits. It is
+an estimate with a safety margin, not an allocator trace.
 """
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
+
+from compression.compress import Compression, Plan, compress
+from compression.observations import LayerObservations
 from compression.select import capacity_for
 from engine.errors import UserError
+from engine.kv_state import KVState
 from models.config import ModelConfig
 
 MARGIN_BYTES = 2 * 2**30  # compiler scratch, fragmentation, the runtime's own buffers
+
+
+def sequence_state_bytes(config: ModelConfig, compression: Compression | None,
+                         context_length: int, padded_length: int, after_context: int,
+                         dtype) -> int:
+    """Bytes of one sequence's KV state while decoding, exactly as `engine.generation.generate`
+    builds it: the uncompressed cache, or what `compress` returns for the context (kept tokens,
+    quantized codes with their scales and zeros, the exact recent window, slots kept free for
+    the question and the generated tokens, positions). Shapes only (`jax.eval_shape`): nothing
+    is allocated or computed."""
+    if compression is None:
+        state = jax.eval_shape(lambda: KVState.empty(
+            config, 1, capacity_for(padded_length + after_context), dtype))
+        return state.nbytes()
+    plan = Plan.make(compression, [context_length], config.num_layers, config.num_kv_heads)
+    needs = compression.method.needs()
+
+    def compressed():
+        prefilled = KVState.empty(config, 1, padded_length, dtype)
+        observations = tuple(
+            LayerObservations.empty(needs, 1, config.num_heads, config.num_kv_heads,
+                                    config.head_dim, padded_length)
+            for _ in range(config.num_layers)) if needs.any() else None
+        return compress(compression, config, prefilled, observations,
+                        jnp.asarray([context_length]), jnp.asarray(plan.n_kept),
+                        jnp.asarray(plan.floors), capacities=plan.capacities,
+                        recent_capacity=after_context)
+
+    return jax.eval_shape(compressed).nbytes()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,20 +57,15 @@ class MemoryModel:
     weight_bytes: int
     itemsize: int  # bytes per KV and activation element
     padded_length: int  # context slots of the prefill cache
-    after_context: int  # slots for the question and generated tokens
-    context_slots: tuple[int, ...] | None  # per layer after compression; None: uncompressed
+    sequence_bytes: int  # one sequence's KV state while decoding (`sequence_state_bytes`)
+    compressed: bool  # the prefill fills a full-size cache that compression then replaces
 
     def slot_bytes(self) -> int:
         """One slot of one (layer, kv-head) stream: key, value and position."""
         return 2 * self.config.head_dim * self.itemsize + 4
 
     def decode_state_bytes(self, batch: int) -> int:
-        c = self.config
-        if self.context_slots is None:
-            slots = [capacity_for(self.padded_length + self.after_context)] * c.num_layers
-        else:
-            slots = [capacity_for(s + self.after_context) for s in self.context_slots]
-        return batch * c.num_kv_heads * self.slot_bytes() * sum(slots)
+        return batch * self.sequence_bytes
 
     def prefill_bytes(self, group: int) -> int:
         """The transient peak of prefilling `group` contexts in one fused pass."""
@@ -43,8 +73,8 @@ class MemoryModel:
         tokens = group * self.padded_length
         activations = tokens * (4 * c.hidden_size + 4 * c.intermediate_size
                                 + 2 * c.num_heads * c.head_dim) * self.itemsize
-        full_cache = 0 if self.context_slots is None else (
-            tokens * c.num_layers * c.num_kv_heads * self.slot_bytes())
+        full_cache = (tokens * c.num_layers * c.num_kv_heads * self.slot_bytes()
+                      if self.compressed else 0)
         return full_cache + activations + group * c.vocab_size * 4
 
     def peak_bytes(self, batch: int, group: int) -> int:

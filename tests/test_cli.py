@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from checkpoints_convert.load import default_checkpoint_path
-from engine.memory import MemoryModel
+from engine.memory import MemoryModel, sequence_state_bytes
 from models.config import PRESETS
 from models.params import init_random_params, param_bytes
 
@@ -99,8 +99,10 @@ def test_benchmark_refuses_a_batch_that_cannot_fit_and_names_the_largest():
     config = PRESETS["smollm2-135m"]
     weights = param_bytes(jax.eval_shape(lambda: init_random_params(
         config, jax.random.key(0), jnp.float32)))
-    memory = MemoryModel(config, weights, 4, padded_length=2048, after_context=16,
-                         context_slots=None)
+    memory = MemoryModel(config, weights, 4, padded_length=2048,
+                         sequence_bytes=sequence_state_bytes(config, None, 2048, 2048, 16,
+                                                             jnp.float32),
+                         compressed=False)
     limit = 6 * 2**30
     largest = memory.largest_batch(limit, 1)
     per_row = memory.decode_state_bytes(1)  # independent check: the KV of one more row overflows

@@ -13,9 +13,10 @@ from compression.base import Budget
 from compression.compress import Compression, Plan, compress
 from compression.pyramidkv import PyramidKV
 from compression.registry import make_compression
-from compression.select import BLOCK
+from compression.select import BLOCK, round_up
 from compression.snapkv import SnapKV
-from engine.generation import generate
+from engine.generation import generate, pad_prompts
+from engine.memory import sequence_state_bytes
 from engine.kv_state import FlatKVCache
 from tests.compression_harness import (RECENT_SLOTS, engine_kept_positions, random_context,
                                        tiny_config)
@@ -65,3 +66,19 @@ def test_ratio_zero_generates_what_no_compression_generates(spec):
     zero = generate(params, config, prompts, 16, questions=questions,
                     compression=make_compression(spec, Budget(ratio=0.0))).tokens
     assert zero == plain
+
+
+@pytest.mark.parametrize("spec,ratio", [("none", None), ("snapkv", 0.5), ("adakv", 0.5),
+                                        ("kivi4", None), ("int8", None), ("snapkv+kivi2", 0.5)])
+def test_predicted_sequence_bytes_equal_the_state_generation_holds(spec, ratio):
+    # The benchmark's memory model sizes a batch from eval_shape of the engine's own state
+    # construction; the arrays a real generation holds must have exactly that size.
+    config, params = converted(tiny_hf_model("llama"))
+    rng = np.random.default_rng(5)
+    n, new_tokens = 200, 8
+    prompts = [rng.integers(3, config.vocab_size, n).tolist() for _ in range(2)]
+    compression = make_compression(spec, None if ratio is None else Budget(ratio=ratio))
+    held = generate(params, config, prompts, new_tokens, compression=compression).kv_bytes
+    predicted = sequence_state_bytes(config, compression, n, pad_prompts(prompts).shape[1],
+                                     round_up(new_tokens), params.embed.dtype)
+    assert held == 2 * predicted
