@@ -199,17 +199,32 @@ def empty_kv_state(config: ModelConfig, batch: int, capacity: int, dtype) -> KVS
     return KVState.empty(config, batch, capacity, dtype)
 
 
-def compress_contexts(compiler: Compiler, compression: Compression, config: ModelConfig,
-                      kv_state: KVState, observations, context_lengths: list[int],
-                      after_context: int, plan: Plan | None = None) -> KVState:
-    """Compresses each prefilled context to its budget; `after_context` slots stay free for the
-    question and the generated tokens. `plan` defaults to the plan of these contexts alone."""
+def prefill_capacity(padded_length: int, after_context: int, compression) -> int:
+    """Slots of the cache a context is prefilled into: the padded context alone when compression
+    replaces that cache, else room for the question and the generated tokens too."""
+    return padded_length if compression else capacity_for(padded_length + after_context)
+
+
+def compress_arguments(compression: Compression, config: ModelConfig, kv_state: KVState,
+                       observations, context_lengths: list[int], after_context: int,
+                       plan: Plan | None = None) -> tuple[tuple, dict]:
+    """`compress`'s positional and static keyword arguments for these prefilled contexts;
+    `after_context` slots stay free for the question and the generated tokens. `plan` defaults
+    to the plan of these contexts alone."""
     plan = plan or Plan.make(compression, context_lengths, config.num_layers,
                              config.num_kv_heads)
     args = (compression, config, kv_state, observations,
             jnp.asarray(context_lengths, jnp.int32), jnp.asarray(plan.n_kept),
             jnp.asarray(plan.floors))
-    static = dict(capacities=plan.capacities, recent_capacity=after_context)
+    return args, dict(capacities=plan.capacities, recent_capacity=after_context)
+
+
+def compress_contexts(compiler: Compiler, compression: Compression, config: ModelConfig,
+                      kv_state: KVState, observations, context_lengths: list[int],
+                      after_context: int, plan: Plan | None = None) -> KVState:
+    """Compresses each prefilled context to its budget (arguments as `compress_arguments`)."""
+    args, static = compress_arguments(compression, config, kv_state, observations,
+                                      context_lengths, after_context, plan)
     return compiler(compress, *args, **static)(*args[2:])
 
 
@@ -315,7 +330,7 @@ def generate(params: ModelParams, config: ModelConfig, prompts: list[list[int]],
     for start in range(0, batch, group):
         rows = slice(start, start + group)
         size = len(prompts[rows])
-        capacity = padded_length if compression else capacity_for(padded_length + after_context)
+        capacity = prefill_capacity(padded_length, after_context, compression)
         part = compiler(empty_kv_state, config, size, capacity, kv_dtype)()
         observations = needs and compiler(new_observations, needs, config, size, padded_length)()
         with Stopwatch(compiler) as prefill_time:

@@ -10,13 +10,11 @@ an estimate with a safety margin, not an allocator trace.
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 
-from compression.compress import Compression, Plan, compress
-from compression.observations import LayerObservations
-from compression.select import capacity_for
+from compression.compress import Compression, compress
 from engine.errors import UserError
-from engine.kv_state import KVState
+from engine.generation import (compress_arguments, empty_kv_state, new_observations,
+                               prefill_capacity)
 from models.config import ModelConfig
 
 MARGIN_BYTES = 2 * 2**30  # compiler scratch, fragmentation, the runtime's own buffers
@@ -25,30 +23,25 @@ MARGIN_BYTES = 2 * 2**30  # compiler scratch, fragmentation, the runtime's own b
 def sequence_state_bytes(config: ModelConfig, compression: Compression | None,
                          context_length: int, padded_length: int, after_context: int,
                          dtype) -> int:
-    """Bytes of one sequence's KV state while decoding, exactly as `engine.generation.generate`
-    builds it: the uncompressed cache, or what `compress` returns for the context (kept tokens,
-    quantized codes with their scales and zeros, the exact recent window, slots kept free for
-    the question and the generated tokens, positions). Shapes only (`jax.eval_shape`): nothing
-    is allocated or computed."""
-    if compression is None:
-        state = jax.eval_shape(lambda: KVState.empty(
-            config, 1, capacity_for(padded_length + after_context), dtype))
-        return state.nbytes()
-    plan = Plan.make(compression, [context_length], config.num_layers, config.num_kv_heads)
-    needs = compression.method.needs()
+    """Bytes of one sequence's KV state while decoding, built by the same functions
+    `engine.generation.generate` uses: the uncompressed cache, or what `compress` returns for the
+    context (kept tokens, quantized codes with their scales and zeros, the exact recent window,
+    slots kept free for the question and the generated tokens, positions). Shapes only
+    (`jax.eval_shape`): nothing is allocated or computed."""
 
-    def compressed():
-        prefilled = KVState.empty(config, 1, padded_length, dtype)
-        observations = tuple(
-            LayerObservations.empty(needs, 1, config.num_heads, config.num_kv_heads,
-                                    config.head_dim, padded_length)
-            for _ in range(config.num_layers)) if needs.any() else None
-        return compress(compression, config, prefilled, observations,
-                        jnp.asarray([context_length]), jnp.asarray(plan.n_kept),
-                        jnp.asarray(plan.floors), capacities=plan.capacities,
-                        recent_capacity=after_context)
+    def state():
+        capacity = prefill_capacity(padded_length, after_context, compression)
+        prefilled = empty_kv_state(config, 1, capacity, dtype)
+        if compression is None:
+            return prefilled
+        needs = compression.method.needs()
+        observations = (new_observations(needs, config, 1, padded_length) if needs.any()
+                        else None)
+        args, static = compress_arguments(compression, config, prefilled, observations,
+                                          [context_length], after_context)
+        return compress(*args, **static)
 
-    return jax.eval_shape(compressed).nbytes()
+    return jax.eval_shape(state).nbytes()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,14 +37,13 @@ def mlp(layer: LayerParams, x):
     return (jax.nn.silu(gate) * up) @ layer.w_down
 
 
-def decoder_layer(layer: LayerParams, cache, x, positions, valid, config: ModelConfig,
-                  needs=None, observations=None, fresh: bool = False):
-    """One block. With `needs` the attention also updates the layer's `observations` (what the
-    compression scorers watch during prefill); the cache must then be a plain `DenseKVCache`.
-    `fresh` says the cache is empty, so attention runs over the new tokens alone (fused)."""
-    h = rms_norm(x, layer.attn_norm, config.rms_norm_eps)
-    q_pre, k, v = project_qkv(layer, h, config)
-    q, k = apply_rope(q_pre, positions, config), apply_rope(k, positions, config)
+def attend(cache, q_pre, q, k, v, positions, valid, config: ModelConfig, needs=None,
+           observations=None, fresh: bool = False):
+    """Appends a chunk's post-RoPE keys and values to the cache and attends its queries; with
+    `needs` also updates the layer's `observations` (what the compression scorers watch during
+    prefill; the cache must then be a plain `DenseKVCache`). `fresh` says the cache was empty, so
+    attention runs over the new tokens alone (fused). Returns (output [b, t, heads, d], cache,
+    observations)."""
     cache = cache.append(k, v, positions, valid)
     if fresh:
         lengths = valid.sum(axis=1, dtype=jnp.int32)
@@ -58,9 +57,20 @@ def decoder_layer(layer: LayerParams, cache, x, positions, valid, config: ModelC
     else:
         out, _, probs = cache.partial(group_queries(q, config.num_kv_heads), positions,
                                       config.sliding_window)
-        attn = out.astype(x.dtype)
+        attn = out.astype(q.dtype)
         sums = seen_column_sums(probs, valid) if needs.column_sums else None
         observations = observations.update(needs, q_pre, q, sums, positions, valid)
+    return attn, cache, observations
+
+
+def decoder_layer(layer: LayerParams, cache, x, positions, valid, config: ModelConfig,
+                  needs=None, observations=None, fresh: bool = False):
+    """One block; `needs`, `observations` and `fresh` as in `attend`."""
+    h = rms_norm(x, layer.attn_norm, config.rms_norm_eps)
+    q_pre, k, v = project_qkv(layer, h, config)
+    q, k = apply_rope(q_pre, positions, config), apply_rope(k, positions, config)
+    attn, cache, observations = attend(cache, q_pre, q, k, v, positions, valid, config, needs,
+                                       observations, fresh)
     x = x + attn.reshape(*x.shape[:2], -1) @ layer.wo
     x = x + mlp(layer, rms_norm(x, layer.mlp_norm, config.rms_norm_eps))
     return x, cache, observations

@@ -13,12 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from compression.compress import Compression, Plan, compress
-from compression.observations import LayerObservations, seen_column_sums
-from engine.attention import causal_self_attention
-from engine.kv_state import DenseKVCache, FlatKVCache, KVState, group_queries
+from compression.observations import LayerObservations
+from engine.kv_state import DenseKVCache, FlatKVCache, KVState
 from models.config import ModelConfig
+from models.llama import attend
 from models.rope import apply_rope
-from pallas_kernels.column_sums import attention_column_sums
 
 RECENT_SLOTS = 16  # free slots left after the kept tokens for what follows
 
@@ -67,10 +66,10 @@ def engine_kept_positions(config: ModelConfig, compression: Compression, layers,
             piece = lambda x: jnp.asarray(np.pad(x[:, start:start + chunk],
                                                  [(0, 0), (0, max(0, start + chunk - n)), (0, 0),
                                                   (0, 0)]))
-            cache, observed = (_prefill_one_piece if one_piece else _prefill_chunk)(
-                needs, cache, observed, piece(layer["q_pre"]), piece(layer["q"]),
+            cache, observed = _prefill_chunk(
+                config, needs, cache, observed, piece(layer["q_pre"]), piece(layer["q"]),
                 piece(layer["k"]), piece(layer["v"]), jnp.asarray(positions, jnp.int32),
-                jnp.asarray(valid))
+                jnp.asarray(valid), one_piece)
         states.append(cache)
         observations.append(observed)
     plan = Plan.make(compression, lengths, config.num_layers, config.num_kv_heads)
@@ -84,27 +83,14 @@ def engine_kept_positions(config: ModelConfig, compression: Compression, layers,
             for layer in compressed.layers]
 
 
-@functools.partial(jax.jit, static_argnames=("needs",))
-def _prefill_chunk(needs, cache, observed, q_pre, q, k, v, positions, valid):
-    """One prefill chunk: append its keys and values, attend, record the observations (jitted
-    only to keep the tests fast; the engine's prefill is jitted too)."""
-    cache = cache.append(k, v, positions, valid)
-    _, _, probs = cache.partial(group_queries(q, cache.keys.shape[1]), positions)
-    if needs.any():
-        sums = seen_column_sums(probs, valid) if needs.column_sums else None
-        observed = observed.update(needs, q_pre, q, sums, positions, valid)
-    return cache, observed
-
-
-@functools.partial(jax.jit, static_argnames=("needs",))
-def _prefill_one_piece(needs, cache, observed, q_pre, q, k, v, positions, valid):
-    """The whole context at once, as `models.llama.decoder_layer` runs a fresh prefill."""
-    cache = cache.append(k, v, positions, valid)
-    lengths = valid.sum(axis=1, dtype=jnp.int32)
-    _, lse = causal_self_attention(q, k, v, lengths)
-    sums = attention_column_sums(q, k, lse, lengths) if needs.column_sums else None
-    if needs.any():
-        observed = observed.update(needs, q_pre, q, sums, positions, valid)
+@functools.partial(jax.jit, static_argnames=("config", "needs", "fresh"))
+def _prefill_chunk(config, needs, cache, observed, q_pre, q, k, v, positions, valid, fresh):
+    """One prefill chunk through the model's own attention step (`models.llama.attend`), jitted
+    only to keep the tests fast (the engine's prefill is jitted too). `fresh`: the whole context
+    at once, as a first prefill runs."""
+    watching = needs if needs.any() else None
+    _, cache, observed = attend(cache, q_pre, q, k, v, positions, valid, config, watching,
+                                observed, fresh)
     return cache, observed
 
 
