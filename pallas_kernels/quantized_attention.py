@@ -7,9 +7,13 @@ documents, without ever writing a dequantized K or V to device memory:
   slots; the `Hq // Hkv` query heads of that kv-head ride along as the rows of one matrix, so
   the packed K/V of a head are read once per step, never once per query head.
 - inside a program a loop walks `block` slots at a time: masked loads of the packed codes and
-  their scales (slots >= length read as 0), shift-and-mask unpacking, dequantisation in
-  registers, two small matrix products on the tensor cores and an online softmax (running max,
-  sum and accumulator);
+  their scales (slots >= length read as 0), dequantisation in registers, two small matrix
+  products on the tensor cores and an online softmax (running max, sum and accumulator);
+- 2- and 4-bit codes with bf16 products (`dequant="bf16x2"`, the default for bf16 q) are
+  dequantised by inline PTX straight into bf16 pairs (`_plane_dequant_ptx`) and kept as bit
+  planes (plane j = channels j, j + P, ...): q is split into the same planes for the scores
+  and the output keeps one accumulator per value plane, so nothing is ever re-interleaved;
+  8-bit and f32 products use jnp float32 arithmetic (`dequant="f32"`);
 - per-token scales that cover the whole head (MaxText int8) are folded instead of dequantised:
   the key scale multiplies the scores after q . code, the value scale multiplies the
   probabilities before p @ code;
@@ -25,9 +29,10 @@ TPU: the Mosaic TPU variant lives in quantized_attention_tpu.py (`implementation
 It was checked on a CPU only (TPU interpret mode, Pallas-to-Mosaic lowering), so with
 `implementation=None` the dispatcher does not pick it: on TPU it uses the reference.
 
-Performance on an H100 (docs/kernels.md): dense bf16 and int8 at batch 16 run at 88-100% of
-the HBM floor; KIVI int4/int2 are bound by the in-register dequantisation (25-40%), and at
-batch 1 a fixed 15-30 us (two launches, split merge, pipeline fill) dominates.
+Performance on an H100 (docs/kernels.md): dense bf16 and int8 at batch 16 run at 83-102% of
+the HBM floor, the int4 store at 63-67% and KIVI int4 at 52% (bf16x2 path; 45% and 39% with
+the float32 path); at batch 1 a fixed cost (two launches, split merge, pipeline fill) keeps
+every format at 30-75%.
 """
 
 from __future__ import annotations
@@ -115,6 +120,8 @@ class _Config:
     sm_scale: float
     mma: str  # operand type of the matrix products: "bf16", "tf32" or "f32"
     fast_convert: bool
+    dequant: str  # "bf16x2": packed codes to bf16 by inline PTX; "f32": jnp float32 arithmetic
+    interpret: bool
     k: _Operand
     v: _Operand
 
@@ -182,6 +189,118 @@ def _codes_to_f32(words, op: _Operand, fast: bool):
     return f - offset if offset else f
 
 
+_BF16X2_128 = 0x43004300  # two bfloat16 128.0: (0x4300 | c) is 128 + c exactly for c < 128
+_BF16X2_ONE = 0x3F803F80
+_BF16X2_MINUS_128 = 0xC300C300
+
+
+def _plane_dequant_ptx(bits: int, plane: int) -> str:
+    """PTX for one plane of `_dequantize_planes` on 4 packed bytes (Triton pack=4).
+
+    Operands: $0, $1 the result (2 bf16 each), $2 the 4 bytes, $3-$4 their scales, $5-$6 their
+    zeros. Bytes 0-1 and 2-3 are spread into the low bytes of two bf16x2 lanes (prmt), the
+    plane's codes are shifted and masked into the mantissa of 128.0 (lop3), 128 is subtracted
+    exactly and one fma.rn.bf16x2 applies scale and zero with a single rounding: about 5
+    instructions per 2 values instead of the float32 path's extend, shift, mask, subtract,
+    multiply-add and convert per value.
+    """
+    mask = ((1 << bits) - 1) * 0x00010001
+    lines = [
+        "{",
+        ".reg .b32 t, x, magic, one, neg;",
+        f"mov.b32 magic, {_BF16X2_128:#x};",
+        f"mov.b32 one, {_BF16X2_ONE:#x};",
+        f"mov.b32 neg, {_BF16X2_MINUS_128:#x};",
+    ]
+    for half, selector in enumerate(("0x4140", "0x4342")):  # [byte 2h, 0, byte 2h + 1, 0]
+        lines.append(f"prmt.b32 t, $2, 0, {selector};")
+        if plane:
+            lines.append(f"shr.b32 t, t, {bits * plane};")
+        lines += [
+            f"lop3.b32 x, t, {mask:#x}, magic, 0xEA;",  # (t & mask) | magic
+            "fma.rn.bf16x2 x, x, one, neg;",
+            f"fma.rn.bf16x2 ${half}, x, ${3 + half}, ${5 + half};",
+        ]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _dequantize_planes(words, scales, zeros, op: _Operand, interpret: bool):
+    """Packed uint8 [R, C] and bf16 [R, C] scale/zero per plane -> P bf16 planes [R, C].
+
+    Plane j holds the codes at bits [j * bits, (j + 1) * bits) of each byte (channel P * i + j
+    of byte i), dequantized as code * scale_j + zero_j and rounded once to bfloat16. On a GPU
+    this is inline PTX (`_plane_dequant_ptx`); interpret mode has no PTX and uses jnp.
+    """
+    mask = (1 << op.bits) - 1
+    if interpret:
+        return [
+            (((words >> (j * op.bits)) & mask).astype(jnp.float32) * scales[j].astype(jnp.float32)
+             + zeros[j].astype(jnp.float32)).astype(jnp.bfloat16)
+            for j in range(op.per_byte)
+        ]
+    return [
+        plgpu.elementwise_inline_asm(
+            _plane_dequant_ptx(op.bits, j),
+            args=[words, scales[j], zeros[j]],
+            constraints="=r,=r,r,r,r,r,r",
+            pack=4,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.bfloat16)],
+        )[0]
+        for j in range(op.per_byte)
+    ]
+
+
+def _column_planes(ref, rows, ok, p: int, interpret: bool):
+    """ref[rows] split by column: P tiles, tile j = columns j, j + P, ... (rows where `ok` [n, 1]
+    is False read as 0)."""
+    width = ref.shape[-1] // p
+    if interpret:  # interpret mode has no strided loads
+        whole = plgpu.load(ref.at[rows, :], mask=ok, other=0)
+        return [whole.reshape(whole.shape[0], width, p)[:, :, j] for j in range(p)]
+    return [plgpu.load(ref.at[rows, pl.ds(j, width, stride=p)], mask=ok, other=0) for j in range(p)]
+
+
+def _plane_params(ref, op: _Operand, t0, block, length, interpret):
+    """Scale or zero per plane in byte space: P bf16 tiles [block, D // P]."""
+    g, p, d = op.group_size, op.per_byte, op.head_dim
+    width = d // p
+    if op.granularity == "per_channel":  # ref [T // g, D]; plane j = columns j, j + P, ...
+        ng = block // g
+        ok = ((t0 // g + jnp.arange(ng)) * g < length)[:, None]
+        columns = _column_planes(ref, pl.ds(t0 // g, ng), ok, p, interpret)
+        return [
+            jnp.broadcast_to(x.astype(jnp.bfloat16)[:, None, :], (ng, g, width)).reshape(block, width)
+            for x in columns
+        ]
+    valid = t0 + jnp.arange(block) < length  # per_token: ref [T, D // g]; g // P bytes per group
+    x = _load_rows(ref, t0, block, valid).astype(jnp.bfloat16)
+    x = jnp.broadcast_to(x[:, :, None], (block, d // g, g // p)).reshape(block, width)
+    return [x] * p
+
+
+def _dequantized_planes(ref_codes, ref_scale, ref_zero, op: _Operand, t0, valid, length, cfg):
+    """The block's K or V as P bf16 planes [block, D // P] (plane j: channels j, j + P, ...)."""
+    words = _load_rows(ref_codes, t0, cfg.block, valid)
+    scales = _plane_params(ref_scale, op, t0, cfg.block, length, cfg.interpret)
+    if op.has_zero:
+        zeros = _plane_params(ref_zero, op, t0, cfg.block, length, cfg.interpret)
+    else:
+        zeros = [jnp.zeros_like(x) for x in scales]
+    return _dequantize_planes(words, scales, zeros, op, cfg.interpret)
+
+
+def _bf16x2_path(op: _Operand, cfg: _Config) -> bool:
+    """Whether this operand is dequantized by `_dequantize_planes` and multiplied plane by plane.
+
+    The planes are never interleaved back into channel order (Triton's join of the packed bf16
+    results put pairs of values in the wrong columns): the query is split into the same planes
+    for the scores, and the output keeps one accumulator per value plane.
+    """
+    usable = not (op.raw or op.signed or op.folded) and op.bits < 8  # 128 + c exact for c < 128
+    return cfg.dequant == "bf16x2" and usable
+
+
 def _expanded(ref, op: _Operand, t0, block, length):
     """Scale or zero of the tile's slots, broadcast to float32 [block, D]."""
     g, d = op.group_size, op.head_dim
@@ -222,6 +341,9 @@ def _scores(q, kc, ks, kz, t0, valid, length, cfg: _Config):
     op = cfg.k
     if op.raw:
         return _dot(q, _load_rows(kc, t0, cfg.block, valid), cfg, transpose_b=True)
+    if _bf16x2_path(op, cfg):  # q: one [rows, D // P] tile per plane
+        planes = _dequantized_planes(kc, ks, kz, op, t0, valid, length, cfg)
+        return sum(_dot(qj, kj, cfg, transpose_b=True) for qj, kj in zip(q, planes))
     codes = _codes_to_f32(_load_rows(kc, t0, cfg.block, valid), op, cfg.fast_convert)
     if op.folded:  # q . (c * s_t + z_t) = s_t (q . c) + z_t sum(q)
         s = _dot(q, codes, cfg, transpose_b=True) * _per_slot(ks, t0, cfg.block, valid)
@@ -240,6 +362,9 @@ def _weighted_values(p, vc, vs, vz, t0, valid, length, cfg: _Config):
     op = cfg.v
     if op.raw:
         return _dot(p, _load_rows(vc, t0, cfg.block, valid), cfg)
+    if _bf16x2_path(op, cfg):  # one [rows, D // P] result per plane
+        planes = _dequantized_planes(vc, vs, vz, op, t0, valid, length, cfg)
+        return tuple(_dot(p, vj, cfg) for vj in planes)
     codes = _codes_to_f32(_load_rows(vc, t0, cfg.block, valid), op, cfg.fast_convert)
     if op.folded:  # sum_t p_t (c_t * s_t + z_t) = (p * s) @ c + sum_t p_t z_t
         o = _dot(p * _per_slot(vs, t0, cfg.block, valid), codes, cfg)
@@ -265,8 +390,13 @@ def _kernel(length_ref, q_ref, *refs, cfg: _Config):
     n_slots = jnp.clip(length - start, 0, cfg.split)
     n_blocks = (n_slots + cfg.block - 1) // cfg.block
     row_ok = jnp.arange(cfg.rows) < cfg.group_q
-    q = plgpu.load(q_ref.at[pl.ds(0, cfg.rows), :], mask=row_ok[:, None], other=0)
-    q = _mma_cast(q.astype(jnp.float32) * cfg.sm_scale, cfg)
+    q_rows, q_ok = pl.ds(0, cfg.rows), row_ok[:, None]
+    if _bf16x2_path(cfg.k, cfg):
+        q = _column_planes(q_ref, q_rows, q_ok, cfg.k.per_byte, cfg.interpret)
+    else:
+        q = plgpu.load(q_ref.at[q_rows, :], mask=q_ok, other=0)
+    q = jax.tree.map(lambda x: _mma_cast(x.astype(jnp.float32) * cfg.sm_scale, cfg), q)
+    v_planes = cfg.v.per_byte if _bf16x2_path(cfg.v, cfg) else 1
 
     def body(i, carry):
         m, l, acc = carry
@@ -278,18 +408,28 @@ def _kernel(length_ref, q_ref, *refs, cfg: _Config):
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _weighted_values(p, vc, vs, vz, t0, valid, length, cfg)
+        pv = _weighted_values(p, vc, vs, vz, t0, valid, length, cfg)
+        acc = jax.tree.map(lambda a, o: a * alpha[:, None] + o, acc, pv)
         return m_new, l, acc
 
     init = (
         jnp.full((cfg.rows,), -jnp.inf, jnp.float32),
         jnp.zeros((cfg.rows,), jnp.float32),
-        jnp.zeros((cfg.rows, cfg.head_dim), jnp.float32),
+        jnp.zeros((cfg.rows, cfg.head_dim), jnp.float32)
+        if v_planes == 1
+        else tuple(jnp.zeros((cfg.rows, cfg.head_dim // v_planes), jnp.float32) for _ in range(v_planes)),
     )
     m, l, acc = lax.fori_loop(0, n_blocks, body, init)
-    plgpu.store(acc_ref.at[pl.ds(0, cfg.rows), :], acc, mask=row_ok[:, None])
-    plgpu.store(m_ref.at[pl.ds(0, cfg.rows)], m, mask=row_ok)
-    plgpu.store(l_ref.at[pl.ds(0, cfg.rows)], l, mask=row_ok)
+    if v_planes == 1:
+        plgpu.store(acc_ref.at[q_rows, :], acc, mask=q_ok)
+    elif cfg.interpret:  # interpret mode has no strided stores
+        plgpu.store(acc_ref.at[q_rows, :], _interleave(list(acc)), mask=q_ok)
+    else:
+        width = cfg.head_dim // v_planes
+        for j, a in enumerate(acc):
+            plgpu.store(acc_ref.at[q_rows, pl.ds(j, width, stride=v_planes)], a, mask=q_ok)
+    plgpu.store(m_ref.at[q_rows], m, mask=row_ok)
+    plgpu.store(l_ref.at[q_rows], l, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------- wrapper
@@ -343,6 +483,7 @@ def _pallas_gpu(
     num_stages=3,
     fast_convert=True,
     mma=None,
+    dequant=None,
 ):
     b, hq, d = q.shape
     hkv, t = k.shape[1], k.shape[2]
@@ -357,6 +498,10 @@ def _pallas_gpu(
     split, n_splits = _choose_split(b, hkv, t, block, num_splits, target_programs)
     if mma is None:
         mma = "f32" if q.dtype == jnp.float32 else "bf16"
+    if dequant is None:
+        dequant = "bf16x2" if mma == "bf16" else "f32"
+    if dequant not in ("bf16x2", "f32") or (dequant == "bf16x2" and mma != "bf16"):
+        raise UserError(f"dequant must be 'f32', or 'bf16x2' with bf16 products; got {dequant!r}")
     cfg = _Config(
         group_q=gq,
         rows=max(16, pl.next_power_of_2(gq)),
@@ -366,6 +511,8 @@ def _pallas_gpu(
         sm_scale=float(d**-0.5 if sm_scale is None else sm_scale),
         mma=mma,
         fast_convert=fast_convert,
+        dequant=dequant,
+        interpret=bool(interpret),
         k=_Operand.of(k),
         v=_Operand.of(v),
     )
@@ -431,7 +578,9 @@ def quantized_decode_attention(
         when asked for.
       interpret: run the Pallas kernel in interpret mode (any backend, e.g. CPU tests).
       **kernel_options: tuning for the GPU kernel: block (slots per loop step), num_splits or
-        target_programs (sequence splits), num_warps, num_stages, fast_convert, mma. The TPU
+        target_programs (sequence splits), num_warps, num_stages, fast_convert, mma, dequant
+        ("bf16x2": inline-PTX dequantisation of 2-/4-bit codes, the default with bf16
+        products; "f32": jnp float32 arithmetic). The TPU
         kernel takes block (slots per grid step) only.
     """
     check_decode_inputs(q, k, v, length)

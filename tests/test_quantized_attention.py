@@ -120,7 +120,8 @@ def test_group_sizes_match_reference(fmt, bits, group):
 
 
 @pytest.mark.parametrize(
-    "options", [dict(fast_convert=False), dict(mma="tf32"), dict(block=128, num_splits=1)]
+    "options",
+    [dict(fast_convert=False), dict(mma="tf32"), dict(block=128, num_splits=1), dict(dequant="f32")],
 )
 def test_kernel_variants_match_reference(options):
     k, v = _random_cache(3, 2, 2, 128, 64, 4, "kivi", jnp.bfloat16)
@@ -273,6 +274,8 @@ def test_bad_inputs_raise_user_error():
         quantized_decode_attention(
             _query(0, 1, 2, 32, jnp.float32), k, v, length, implementation="cuda"
         )
+    with pytest.raises(UserError, match="dequant"):  # the PTX path makes bf16 operands only
+        _kernel(_query(0, 1, 2, 32, jnp.float32), k, v, length, dequant="bf16x2")
     with pytest.raises(UserError, match="T % group_size"):
         kp.quantize_per_channel(jnp.ones((1, 1, 40, 32)), 4)
 
