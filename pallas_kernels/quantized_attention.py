@@ -30,7 +30,7 @@ It was checked on a CPU only (TPU interpret mode, Pallas-to-Mosaic lowering), so
 `implementation=None` the dispatcher does not pick it: on TPU it uses the reference.
 
 Performance on an H100 (docs/kernels.md): dense bf16 and int8 at batch 16 run at 83-102% of
-the HBM floor, the int4 store at 63-67% and KIVI int4 at 52% (bf16x2 path; 45% and 39% with
+the HBM floor, the int4 store at 63-67% and KIVI int4 at 52% (bf16x2 path; 45% and 41% with
 the float32 path); at batch 1 a fixed cost (two launches, split merge, pipeline fill) keeps
 every format at 30-75%.
 """
