@@ -17,8 +17,8 @@ documents, without ever writing a dequantized K or V to device memory:
 - per-token scales that cover the whole head (MaxText int8) are folded instead of dequantised:
   the key scale multiplies the scores after q . code, the value scale multiplies the
   probabilities before p @ code;
-- each split writes its partial (acc, max, sum); a tiny plain-JAX pass merges the splits by
-  log-sum-exp into the normalised output and its lse.
+- each split writes its partial (acc, max, sum); a second small kernel (split_merge.py) merges
+  the splits by log-sum-exp into the normalised output and its lse.
 
 Dense bf16/f32 K/V arrays (an exact segment such as the recent window) take the same path with
 no dequantisation.
@@ -29,10 +29,10 @@ TPU: the Mosaic TPU variant lives in quantized_attention_tpu.py (`implementation
 It was checked on a CPU only (TPU interpret mode, Pallas-to-Mosaic lowering), so with
 `implementation=None` the dispatcher does not pick it: on TPU it uses the reference.
 
-Performance on an H100 (docs/kernels.md): dense bf16 and int8 at batch 16 run at 83-102% of
-the HBM floor, the int4 store at 63-67% and KIVI int4 at 52% (bf16x2 path; 45% and 41% with
-the float32 path); at batch 1 a fixed cost (two launches, split merge, pipeline fill) keeps
-every format at 30-75%.
+Performance on an H100 (docs/kernels.md): dense bf16 and int8 at batch 16 run at 84-104% of
+the HBM floor, the int4 store at 64-67% and KIVI int4 at 52% (bf16x2 path; 45% and 41% with
+the float32 path); at batch 1 every format reads at 16-79% (int4 store 40%, int8 54%): the
+kernel's per-token rate plus pipeline fill and the merge launch.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from pallas_kernels.quantized_attention_reference import (
     quantized_decode_attention_reference,
 )
 from pallas_kernels.quantized_attention_tpu import pallas_tpu, pallas_tpu_supports
+from pallas_kernels.split_merge import merge_splits
 
 __all__ = [
     "quantized_decode_attention",
@@ -453,21 +454,6 @@ def _per_head_spec(x):
     )
 
 
-def merge_splits(acc, m, l):
-    """Partials [B, H, S, G, (D)] of the splits -> normalised out [B, H, G, D], lse [B, H, G]."""
-    m_max = jnp.max(m, axis=2)
-    m_max = jnp.where(jnp.isfinite(m_max), m_max, 0.0)
-    w = jnp.exp(m - m_max[:, :, None])  # 0 for empty splits (m = -inf)
-    total = jnp.sum(w * l, axis=2)
-    o = jnp.sum(w[..., None] * acc, axis=2)
-    ok = total > 0
-    safe = jnp.where(ok, total, 1.0)
-    return (
-        jnp.where(ok[..., None], o / safe[..., None], 0.0),
-        jnp.where(ok, m_max + jnp.log(safe), -jnp.inf),
-    )
-
-
 def _pallas_gpu(
     q,
     k: QuantizedTensor,
@@ -542,7 +528,7 @@ def _pallas_gpu(
         interpret=interpret,
         name="quantized_decode_attention",
     )(length, q4, *operands)
-    out, lse = merge_splits(acc, m, l)
+    out, lse = merge_splits(acc, m, l, interpret=interpret)
     return out.reshape(b, hq, d), lse.reshape(b, hq)
 
 

@@ -9,7 +9,7 @@ reads a page table:
   entries of the list, turns them into cache slots, gathers the keys and values of those slots
   (rows of D contiguous elements), and runs two small matrix products and an online softmax for
   the group's query heads (rows of one matrix, padded to 16). Each split writes its partial
-  (acc, max, sum); a tiny plain-JAX pass merges the splits by log-sum-exp.
+  (acc, max, sum); a second small kernel (split_merge.py) merges them by log-sum-exp.
 - TPU (`_tpu_kernel`, Mosaic), grid (batch, kv-head, selected entry): the page list, counts and
   lengths are scalar-prefetched into SMEM and the key/value BlockSpecs' index maps read the page
   of each grid step from them, so the pipeline DMAs exactly the selected pages (an entry past
@@ -35,7 +35,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from engine.errors import UserError
-from pallas_kernels.quantized_attention import merge_splits
+from pallas_kernels.split_merge import merge_splits
 from pallas_kernels.quest_reference import quest_decode_attention_reference
 
 IMPLEMENTATIONS = ("reference", "pallas_gpu", "pallas_tpu")
@@ -139,7 +139,7 @@ def _pallas_gpu(q, keys, values, lengths, pages, count, page_size, *, sm_scale, 
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="quest_decode_attention",
     )(lengths.astype(jnp.int32), count, pages, q4, keys, values)
-    out, lse = merge_splits(acc, m, l)
+    out, lse = merge_splits(acc, m, l, interpret=interpret)
     return out.reshape(b, hq, d), lse.reshape(b, hq)
 
 

@@ -82,12 +82,14 @@ def _query(seed, b, hq, d, dtype):
 CASES = [
     ("tok", 4, jnp.float32, 2, 2, 4, 128, 160, [150, 37]),
     ("tok", 4, jnp.bfloat16, 1, 2, 8, 64, 96, [90]),
+    ("tok", 4, jnp.bfloat16, 2, 2, 4, 128, 160, [150, 37]),  # the int4 store, Llama head_dim
     ("tok", 2, jnp.float32, 1, 1, 4, 128, 64, [50]),
     ("chan", 4, jnp.float32, 1, 2, 4, 64, 128, [100]),
     ("kivi", 4, jnp.float32, 2, 2, 4, 64, 160, [150, 37]),
     ("kivi", 4, jnp.bfloat16, 3, 1, 8, 64, 192, [191, 64, 5]),
     ("kivi", 2, jnp.float32, 1, 2, 1, 64, 96, [77]),
     ("kivi", 2, jnp.bfloat16, 2, 2, 4, 128, 128, [128, 100]),
+    ("kivi", 4, jnp.bfloat16, 1, 2, 4, 128, 128, [100]),
     ("kivi", 8, jnp.float32, 2, 1, 8, 32, 160, [33, 159]),
     ("kivi", 8, jnp.bfloat16, 1, 4, 1, 64, 64, [63]),
     ("int8", 8, jnp.float32, 2, 2, 8, 64, 150, [150, 99]),

@@ -1,0 +1,86 @@
+"""Flash-decoding's second step on a GPU: merge the partial results of the sequence splits.
+
+The decode kernels (quantized_attention.py, quest_attention.py) give each program one slice of
+the cache and write its unnormalised partial result: acc = sum_t exp(s_t - m) v_t, the slice's
+running max m and sum l = sum_t exp(s_t - m). With M = max over the splits of m, the output and
+its log-sum-exp are
+
+    out = sum_s exp(m_s - M) acc_s / L,   L = sum_s exp(m_s - M) l_s,   lse = M + log L
+
+(Dao et al. 2023, "Flash-Decoding for long-context inference"). Splits that saw no slot carry
+m = -inf and weigh 0; a query that saw no slot at all gets out = 0 and lse = -inf.
+
+One small Pallas kernel does it, one program per (batch, kv-head, query head): as plain JAX the
+merge was three XLA fusions, about 10 us per call on an H100, a fifth of a batch-1 decode step's
+attention over a 32k-token int4 cache (docs/kernels.md).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+_MAX_ROWS = 8192  # partial values a program loads at once (64 float32 registers per thread)
+
+
+def _merge_kernel(acc_ref, m_ref, l_ref, out_ref, lse_ref, *, n_splits: int, chunk: int):
+    """acc [S, D], m [S], l [S] of one query head -> out [D], lse [] (see module docstring)."""
+    starts = range(0, n_splits, chunk)
+
+    def split_stats(s0):  # the last chunk is moved back inside [0, S), its overlap masked
+        start = max(0, min(s0, n_splits - chunk))
+        rows = pl.ds(start, chunk)
+        index = start + jnp.arange(chunk)
+        ok = (index >= s0) & (index < n_splits)
+        m = plgpu.load(m_ref.at[rows], mask=ok, other=-jnp.inf)
+        l = plgpu.load(l_ref.at[rows], mask=ok, other=0.0)
+        return rows, ok, m, l
+
+    m_max = functools.reduce(jnp.maximum, [jnp.max(split_stats(s0)[2]) for s0 in starts])
+    m_max = jnp.where(m_max > -jnp.inf, m_max, 0.0)
+    total = jnp.zeros((), jnp.float32)
+    out = jnp.zeros((acc_ref.shape[-1],), jnp.float32)
+    for s0 in starts:
+        rows, ok, m, l = split_stats(s0)
+        w = jnp.exp(m - m_max)  # 0 for empty splits (m = -inf) and masked rows
+        acc = plgpu.load(acc_ref.at[rows, :], mask=ok[:, None], other=0.0)
+        total += jnp.sum(w * l)
+        out += jnp.sum(w[:, None] * acc, axis=0)
+    seen = total > 0
+    out_ref[...] = jnp.where(seen, out / jnp.where(seen, total, 1.0), 0.0)
+    lse_ref[...] = jnp.where(seen, m_max + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
+
+
+def merge_splits(
+    acc: jax.Array, m: jax.Array, l: jax.Array, *, interpret: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """Partials acc [B, H, S, G, D], m and l [B, H, S, G] -> out [B, H, G, D], lse [B, H, G].
+
+    All float32; S splits of H kv-heads with G query heads each (see module docstring).
+    """
+    b, h, n_splits, g, d = acc.shape
+    chunk = min(pl.next_power_of_2(n_splits), max(1, _MAX_ROWS // d))
+    head = lambda *tail: pl.BlockSpec(
+        (pl.squeezed, pl.squeezed, n_splits, pl.squeezed, *tail),
+        lambda i, j, k: (i, j, 0, k) + (0,) * len(tail),
+    )
+    result = lambda *tail: pl.BlockSpec(
+        (pl.squeezed,) * 3 + tail, lambda i, j, k: (i, j, k) + (0,) * len(tail)
+    )
+    return pl.pallas_call(
+        functools.partial(_merge_kernel, n_splits=n_splits, chunk=chunk),
+        grid=(b, h, g),
+        in_specs=[head(d), head(), head()],
+        out_specs=[result(d), result()],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, h, g, d), jnp.float32),
+            jax.ShapeDtypeStruct((b, h, g), jnp.float32),
+        ],
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="merge_splits",
+    )(acc, m, l)
