@@ -44,8 +44,8 @@ DESIGN_BW = 2.88e12  # H100 read bandwidth in DESIGN.md, for comparison only
 L2_DEFEAT_BYTES = 200e6  # > 4x the H100's 50 MB L2
 
 SWEEP = {  # kernel options tried with --sweep, per format ({} = the defaults)
-    "kivi4": [{}, {"dequant": "f32"}, {"num_stages": 4}, {"block": 128}],
-    "int4": [{}, {"dequant": "f32"}, {"block": 128, "target_programs": 1024}],
+    "kivi4": [{}, {"pairs": False}, {"dequant": "f32"}, {"block": 128}],
+    "int4": [{}, {"pairs": False}, {"dequant": "f32"}, {"block": 128, "target_programs": 1024}],
     "int8": [{}, {"block": 128}, {"target_programs": 1024}],
     "kivi2": [{}, {"dequant": "f32"}, {"block": 128}],
     "bf16": [{}],

@@ -13,6 +13,8 @@ documents, without ever writing a dequantized K or V to device memory:
   dequantised by inline PTX straight into bf16 pairs (`_plane_dequant_ptx`) and kept as bit
   planes (plane j = channels j, j + P, ...): q is split into the same planes for the scores
   and the output keeps one accumulator per value plane, so nothing is ever re-interleaved;
+  per-token codes of wide heads are read as uint16 byte pairs (`_pair_plane_dequant_ptx`,
+  P = 2 * codes per byte planes), which halves the loads of codes, scales and zeros;
   8-bit and f32 products use jnp float32 arithmetic (`dequant="f32"`);
 - per-token scales that cover the whole head (MaxText int8) are folded instead of dequantised:
   the key scale multiplies the scores after q . code, the value scale multiplies the
@@ -29,10 +31,10 @@ TPU: the Mosaic TPU variant lives in quantized_attention_tpu.py (`implementation
 It was checked on a CPU only (TPU interpret mode, Pallas-to-Mosaic lowering), so with
 `implementation=None` the dispatcher does not pick it: on TPU it uses the reference.
 
-Performance on an H100 (docs/kernels.md): dense bf16 and int8 at batch 16 run at 84-104% of
-the HBM floor, the int4 store at 64-67% and KIVI int4 at 52% (bf16x2 path; 45% and 41% with
-the float32 path); at batch 1 every format reads at 16-79% (int4 store 40%, int8 54%): the
-kernel's per-token rate plus pipeline fill and the merge launch.
+Performance on an H100 (docs/kernels.md): at batch 16 dense bf16 and int8 run at 84-104% of
+the HBM floor, the int4 store at about 80% and KIVI int4 at 57% (byte pairs; 64% and 52% with
+bytes, 45% and 41% with the float32 path); at batch 1 every format reads at 16-79% (int4
+store 40-50%, int8 54%): the kernel's per-token rate plus pipeline fill and the merge launch.
 """
 
 from __future__ import annotations
@@ -84,10 +86,16 @@ class _Operand:
     has_zero: bool
     head_dim: int
     raw: bool = False  # a dense bf16/f32 array (an exact segment), no codes or scales
+    pairs: bool = False  # codes read as uint16 byte pairs (set by the wrapper: `_reads_pairs`)
 
     @property
     def per_byte(self) -> int:
         return 1 if self.signed else 8 // self.bits
+
+    @property
+    def planes(self) -> int:
+        """Column planes of the bf16x2 path: codes per byte, or per byte pair."""
+        return self.per_byte * (2 if self.pairs else 1)
 
     @property
     def folded(self) -> bool:
@@ -195,15 +203,15 @@ _BF16X2_ONE = 0x3F803F80
 _BF16X2_MINUS_128 = 0xC300C300
 
 
-def _plane_dequant_ptx(bits: int, plane: int) -> str:
-    """PTX for one plane of `_dequantize_planes` on 4 packed bytes (Triton pack=4).
+def _dequant_ptx(bits: int, plane: int, lanes) -> str:
+    """Inline PTX dequantising one plane of packed codes into bf16x2 registers.
 
-    Operands: $0, $1 the result (2 bf16 each), $2 the 4 bytes, $3-$4 their scales, $5-$6 their
-    zeros. Bytes 0-1 and 2-3 are spread into the low bytes of two bf16x2 lanes (prmt), the
-    plane's codes are shifted and masked into the mantissa of 128.0 (lop3), 128 is subtracted
-    exactly and one fma.rn.bf16x2 applies scale and zero with a single rounding: about 5
-    instructions per 2 values instead of the float32 path's extend, shift, mask, subtract,
-    multiply-add and convert per value.
+    For each (source, selector, result, scale, zero) in `lanes`: prmt spreads two bytes of
+    `source` into the low bytes of the two bf16 lanes of t, the plane's codes are shifted and
+    masked into the mantissa of 128.0 (lop3), 128 is subtracted exactly and one fma.rn.bf16x2
+    applies scale and zero with a single rounding into `result`: about 5 instructions per 2
+    values instead of the float32 path's extend, shift, mask, subtract, multiply-add and
+    convert per value.
     """
     mask = ((1 << bits) - 1) * 0x00010001
     lines = [
@@ -213,43 +221,67 @@ def _plane_dequant_ptx(bits: int, plane: int) -> str:
         f"mov.b32 one, {_BF16X2_ONE:#x};",
         f"mov.b32 neg, {_BF16X2_MINUS_128:#x};",
     ]
-    for half, selector in enumerate(("0x4140", "0x4342")):  # [byte 2h, 0, byte 2h + 1, 0]
-        lines.append(f"prmt.b32 t, $2, 0, {selector};")
+    for source, selector, result, scale, zero in lanes:
+        lines.append(f"prmt.b32 t, {source}, 0, {selector:#x};")
         if plane:
             lines.append(f"shr.b32 t, t, {bits * plane};")
         lines += [
             f"lop3.b32 x, t, {mask:#x}, magic, 0xEA;",  # (t & mask) | magic
             "fma.rn.bf16x2 x, x, one, neg;",
-            f"fma.rn.bf16x2 ${half}, x, ${3 + half}, ${5 + half};",
+            f"fma.rn.bf16x2 {result}, x, {scale}, {zero};",
         ]
     lines.append("}")
     return "\n".join(lines)
 
 
-def _dequantize_planes(words, scales, zeros, op: _Operand, interpret: bool):
-    """Packed uint8 [R, C] and bf16 [R, C] scale/zero per plane -> P bf16 planes [R, C].
+def _plane_dequant_ptx(bits: int, plane: int) -> str:
+    """`_dequant_ptx` on 4 packed bytes (Triton pack=4): $0, $1 the result (2 bf16 each), $2
+    the bytes, $3-$4 their scales, $5-$6 their zeros; prmt result bytes [2h, 0, 2h + 1, 0]."""
+    return _dequant_ptx(
+        bits, plane, [("$2", 0x4140, "$0", "$3", "$5"), ("$2", 0x4342, "$1", "$4", "$6")]
+    )
 
-    Plane j holds the codes at bits [j * bits, (j + 1) * bits) of each byte (channel P * i + j
-    of byte i), dequantized as code * scale_j + zero_j and rounded once to bfloat16. On a GPU
-    this is inline PTX (`_plane_dequant_ptx`); interpret mode has no PTX and uses jnp.
+
+def _pair_plane_dequant_ptx(bits: int, byte: int, plane: int) -> str:
+    """`_dequant_ptx` on 2 uint16 byte pairs (Triton pack=2): $0 the result (2 bf16), $1 the
+    pairs, $2 their scales, $3 their zeros; prmt takes byte `byte` of each pair."""
+    selector = byte + 0x4040 + (2 + byte) * 0x100  # result bytes [p0.b, 0, p1.b, 0]
+    return _dequant_ptx(bits, plane, [("$1", selector, "$0", "$2", "$3")])
+
+
+def _dequantize_planes(codes, scales, zeros, op: _Operand, interpret: bool):
+    """Packed codes [R, C] and bf16 [R, C] scale/zero per plane -> P bf16 planes [R, C].
+
+    Codes are uint8 bytes, or uint16 byte pairs when `op.pairs`. Plane j of a byte holds the
+    codes at bits [j * bits, (j + 1) * bits) (channel P * i + j of byte i); of a pair, plane
+    per_byte * b + j takes plane j of byte b (channel P * i + per_byte * b + j of pair i).
+    Each code is dequantized as code * scale + zero and rounded once to bfloat16. On a GPU this
+    is inline PTX (`_plane_dequant_ptx`, `_pair_plane_dequant_ptx`); interpret mode has no PTX
+    and uses jnp.
     """
     mask = (1 << op.bits) - 1
+    shifts = [8 * b + op.bits * j for b in range(2 if op.pairs else 1) for j in range(op.per_byte)]
     if interpret:
         return [
-            (((words >> (j * op.bits)) & mask).astype(jnp.float32) * scales[j].astype(jnp.float32)
-             + zeros[j].astype(jnp.float32)).astype(jnp.bfloat16)
-            for j in range(op.per_byte)
+            (((codes >> shift) & mask).astype(jnp.float32) * scale.astype(jnp.float32)
+             + zero.astype(jnp.float32)).astype(jnp.bfloat16)
+            for shift, scale, zero in zip(shifts, scales, zeros)
         ]
-    return [
-        plgpu.elementwise_inline_asm(
-            _plane_dequant_ptx(op.bits, j),
-            args=[words, scales[j], zeros[j]],
-            constraints="=r,=r,r,r,r,r,r",
-            pack=4,
-            result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.bfloat16)],
-        )[0]
-        for j in range(op.per_byte)
-    ]
+    planes = []
+    for i, (scale, zero) in enumerate(zip(scales, zeros)):
+        if op.pairs:
+            asm = _pair_plane_dequant_ptx(op.bits, i // op.per_byte, i % op.per_byte)
+            constraints, pack = "=r,r,r,r", 2
+        else:
+            asm, constraints, pack = _plane_dequant_ptx(op.bits, i), "=r,=r,r,r,r,r,r", 4
+        planes += plgpu.elementwise_inline_asm(
+            asm,
+            args=[codes, scale, zero],
+            constraints=constraints,
+            pack=pack,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(codes.shape, jnp.bfloat16)],
+        )
+    return planes
 
 
 def _column_planes(ref, rows, ok, p: int, interpret: bool):
@@ -263,8 +295,8 @@ def _column_planes(ref, rows, ok, p: int, interpret: bool):
 
 
 def _plane_params(ref, op: _Operand, t0, block, length, interpret):
-    """Scale or zero per plane in byte space: P bf16 tiles [block, D // P]."""
-    g, p, d = op.group_size, op.per_byte, op.head_dim
+    """Scale or zero per plane in code space: P bf16 tiles [block, D // P]."""
+    g, p, d = op.group_size, op.planes, op.head_dim
     width = d // p
     if op.granularity == "per_channel":  # ref [T // g, D]; plane j = columns j, j + P, ...
         ng = block // g
@@ -274,7 +306,7 @@ def _plane_params(ref, op: _Operand, t0, block, length, interpret):
             jnp.broadcast_to(x.astype(jnp.bfloat16)[:, None, :], (ng, g, width)).reshape(block, width)
             for x in columns
         ]
-    valid = t0 + jnp.arange(block) < length  # per_token: ref [T, D // g]; g // P bytes per group
+    valid = t0 + jnp.arange(block) < length  # per_token: ref [T, D // g]; g // P codes per group
     x = _load_rows(ref, t0, block, valid).astype(jnp.bfloat16)
     x = jnp.broadcast_to(x[:, :, None], (block, d // g, g // p)).reshape(block, width)
     return [x] * p
@@ -300,6 +332,27 @@ def _bf16x2_path(op: _Operand, cfg: _Config) -> bool:
     """
     usable = not (op.raw or op.signed or op.folded) and op.bits < 8  # 128 + c exact for c < 128
     return cfg.dequant == "bf16x2" and usable
+
+
+def _reads_pairs(op: _Operand, cfg: _Config, pairs: bool) -> bool:
+    """Whether the bf16x2 path reads this per-token operand's codes as uint16 byte pairs.
+
+    Triton builds the broadcast per-token scale and zero tiles in the MMA operand's register
+    layout with one shared-memory load per element, and loads codes a byte at a time; pairs
+    halve both (H100, batch 16, 32k slots: the int4 store 401 -> 306-309 us, KIVI int4 491 ->
+    423 us; docs/kernels.md). Each of the 16 // bits column planes must be at least 32 channels
+    wide (narrower tiles make Triton repeat the dequantisation on every warp) and hold whole
+    pairs per scale group. Per-channel operands (KIVI keys) keep bytes: as pairs their scales
+    become twice as many strided loads (KIVI int4 604 us).
+    """
+    planes = 16 // op.bits
+    return (
+        pairs
+        and _bf16x2_path(op, cfg)
+        and op.granularity == "per_token"
+        and op.head_dim // planes >= 32
+        and op.group_size % planes == 0
+    )
 
 
 def _expanded(ref, op: _Operand, t0, block, length):
@@ -393,11 +446,11 @@ def _kernel(length_ref, q_ref, *refs, cfg: _Config):
     row_ok = jnp.arange(cfg.rows) < cfg.group_q
     q_rows, q_ok = pl.ds(0, cfg.rows), row_ok[:, None]
     if _bf16x2_path(cfg.k, cfg):
-        q = _column_planes(q_ref, q_rows, q_ok, cfg.k.per_byte, cfg.interpret)
+        q = _column_planes(q_ref, q_rows, q_ok, cfg.k.planes, cfg.interpret)
     else:
         q = plgpu.load(q_ref.at[q_rows, :], mask=q_ok, other=0)
     q = jax.tree.map(lambda x: _mma_cast(x.astype(jnp.float32) * cfg.sm_scale, cfg), q)
-    v_planes = cfg.v.per_byte if _bf16x2_path(cfg.v, cfg) else 1
+    v_planes = cfg.v.planes if _bf16x2_path(cfg.v, cfg) else 1
 
     def body(i, carry):
         m, l, acc = carry
@@ -470,6 +523,7 @@ def _pallas_gpu(
     fast_convert=True,
     mma=None,
     dequant=None,
+    pairs=True,
 ):
     b, hq, d = q.shape
     hkv, t = k.shape[1], k.shape[2]
@@ -502,14 +556,21 @@ def _pallas_gpu(
         k=_Operand.of(k),
         v=_Operand.of(v),
     )
+    cfg = dataclasses.replace(
+        cfg,
+        k=dataclasses.replace(cfg.k, pairs=_reads_pairs(cfg.k, cfg, pairs)),
+        v=dataclasses.replace(cfg.v, pairs=_reads_pairs(cfg.v, cfg, pairs)),
+    )
 
-    def arrays(x):  # int8 bits are read as uint8 and re-centred in the kernel
-        if not isinstance(x, QuantizedTensor):
+    def arrays(x, op: _Operand):  # int8 bits are read as uint8 and re-centred in the kernel
+        if op.raw:
             return [x]
         codes = lax.bitcast_convert_type(x.codes, jnp.uint8) if x.signed else x.codes
+        if op.pairs:  # little-endian: byte b of a pair is bits [8b, 8b + 8)
+            codes = lax.bitcast_convert_type(codes.reshape(*codes.shape[:-1], -1, 2), jnp.uint16)
         return [codes, x.scale] + ([x.zero] if x.zero is not None else [])
 
-    operands = arrays(k) + arrays(v)
+    operands = arrays(k, cfg.k) + arrays(v, cfg.v)
     length = jnp.clip(length.astype(jnp.int32), 0, t)
     q4 = q.reshape(b, hkv, gq, d)
 
@@ -566,7 +627,8 @@ def quantized_decode_attention(
       **kernel_options: tuning for the GPU kernel: block (slots per loop step), num_splits or
         target_programs (sequence splits), num_warps, num_stages, fast_convert, mma, dequant
         ("bf16x2": inline-PTX dequantisation of 2-/4-bit codes, the default with bf16
-        products; "f32": jnp float32 arithmetic). The TPU
+        products; "f32": jnp float32 arithmetic), pairs (True: per-token 4-bit codes are
+        read as uint16 byte pairs where the head is wide enough, see `_reads_pairs`). The TPU
         kernel takes block (slots per grid step) only.
     """
     check_decode_inputs(q, k, v, length)

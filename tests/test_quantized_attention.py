@@ -134,6 +134,16 @@ def test_kernel_variants_match_reference(options):
     assert _rel_err(out, ref_out) < 1e-2
 
 
+@pytest.mark.parametrize("pairs", [True, False])
+def test_byte_and_pair_reads_match_reference(pairs):
+    # The int4 store at head_dim 128 in bf16: codes read as uint16 byte pairs or as bytes.
+    k, v = _random_cache(11, 1, 2, 128, 128, 4, "tok", jnp.bfloat16)
+    q = _query(12, 1, 8, 128, jnp.bfloat16)
+    length = jnp.asarray([97], jnp.int32)
+    out, lse = _kernel(q, k, v, length, pairs=pairs)
+    _assert_matches_reference(out, lse, q, k, v, length, jnp.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_dense_segment_matches_reference(dtype):
     r = np.random.default_rng(21)
