@@ -103,7 +103,7 @@ class _Operand:
         return self.granularity == "per_token" and self.group_size == self.head_dim
 
     @classmethod
-    def of(cls, qt: QuantizedTensor | jax.Array) -> _Operand:
+    def of(cls, qt: QuantizedTensor | jax.Array, dequant: str, pairs: bool) -> _Operand:
         if not isinstance(qt, QuantizedTensor):
             return cls(
                 bits=16,
@@ -114,9 +114,10 @@ class _Operand:
                 head_dim=qt.shape[-1],
                 raw=True,
             )
-        return cls(
+        op = cls(
             qt.bits, qt.signed, qt.granularity, qt.group_size, qt.zero is not None, qt.head_dim
         )
+        return dataclasses.replace(op, pairs=pairs and _reads_pairs(op, dequant))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,13 +315,13 @@ def _plane_params(ref, op: _Operand, t0, block, length, interpret):
 
 def _dequantized_planes(ref_codes, ref_scale, ref_zero, op: _Operand, t0, valid, length, cfg):
     """The block's K or V as P bf16 planes [block, D // P] (plane j: channels j, j + P, ...)."""
-    words = _load_rows(ref_codes, t0, cfg.block, valid)
+    codes = _load_rows(ref_codes, t0, cfg.block, valid)
     scales = _plane_params(ref_scale, op, t0, cfg.block, length, cfg.interpret)
     if op.has_zero:
         zeros = _plane_params(ref_zero, op, t0, cfg.block, length, cfg.interpret)
     else:
         zeros = [jnp.zeros_like(x) for x in scales]
-    return _dequantize_planes(words, scales, zeros, op, cfg.interpret)
+    return _dequantize_planes(codes, scales, zeros, op, cfg.interpret)
 
 
 def _bf16x2_path(op: _Operand, cfg: _Config) -> bool:
@@ -330,11 +331,16 @@ def _bf16x2_path(op: _Operand, cfg: _Config) -> bool:
     results put pairs of values in the wrong columns): the query is split into the same planes
     for the scores, and the output keeps one accumulator per value plane.
     """
+    return _bf16x2_dequant(op, cfg.dequant)
+
+
+def _bf16x2_dequant(op: _Operand, dequant: str) -> bool:
+    """`_bf16x2_path` before the config exists: 2-/4-bit unsigned codes, not folded."""
     usable = not (op.raw or op.signed or op.folded) and op.bits < 8  # 128 + c exact for c < 128
-    return cfg.dequant == "bf16x2" and usable
+    return dequant == "bf16x2" and usable
 
 
-def _reads_pairs(op: _Operand, cfg: _Config, pairs: bool) -> bool:
+def _reads_pairs(op: _Operand, dequant: str) -> bool:
     """Whether the bf16x2 path reads this per-token operand's codes as uint16 byte pairs.
 
     Triton builds the broadcast per-token scale and zero tiles in the MMA operand's register
@@ -347,8 +353,7 @@ def _reads_pairs(op: _Operand, cfg: _Config, pairs: bool) -> bool:
     """
     planes = 16 // op.bits
     return (
-        pairs
-        and _bf16x2_path(op, cfg)
+        _bf16x2_dequant(op, dequant)
         and op.granularity == "per_token"
         and op.head_dim // planes >= 32
         and op.group_size % planes == 0
@@ -528,20 +533,18 @@ def _pallas_gpu(
     b, hq, d = q.shape
     hkv, t = k.shape[1], k.shape[2]
     gq = hq // hkv
-    align = max(
-        _Operand.of(x).group_size if _Operand.of(x).granularity == "per_channel" else 1
-        for x in (k, v)
-    )
-    block = block or max(64, align)
-    if not _is_pow2(block) or block % align:
-        raise UserError(f"block must be a power of two and a multiple of {align}, got {block}")
-    split, n_splits = _choose_split(b, hkv, t, block, num_splits, target_programs)
     if mma is None:
         mma = "f32" if q.dtype == jnp.float32 else "bf16"
     if dequant is None:
         dequant = "bf16x2" if mma == "bf16" else "f32"
     if dequant not in ("bf16x2", "f32") or (dequant == "bf16x2" and mma != "bf16"):
         raise UserError(f"dequant must be 'f32', or 'bf16x2' with bf16 products; got {dequant!r}")
+    k_op, v_op = (_Operand.of(x, dequant, pairs) for x in (k, v))
+    align = max(op.group_size if op.granularity == "per_channel" else 1 for op in (k_op, v_op))
+    block = block or max(64, align)
+    if not _is_pow2(block) or block % align:
+        raise UserError(f"block must be a power of two and a multiple of {align}, got {block}")
+    split, n_splits = _choose_split(b, hkv, t, block, num_splits, target_programs)
     cfg = _Config(
         group_q=gq,
         rows=max(16, pl.next_power_of_2(gq)),
@@ -553,13 +556,8 @@ def _pallas_gpu(
         fast_convert=fast_convert,
         dequant=dequant,
         interpret=bool(interpret),
-        k=_Operand.of(k),
-        v=_Operand.of(v),
-    )
-    cfg = dataclasses.replace(
-        cfg,
-        k=dataclasses.replace(cfg.k, pairs=_reads_pairs(cfg.k, cfg, pairs)),
-        v=dataclasses.replace(cfg.v, pairs=_reads_pairs(cfg.v, cfg, pairs)),
+        k=k_op,
+        v=v_op,
     )
 
     def arrays(x, op: _Operand):  # int8 bits are read as uint8 and re-centred in the kernel
