@@ -7,10 +7,13 @@ For each format (bf16 through XLA and through the Pallas kernel's dense path; Ma
 int4 and int2: per-channel keys, per-token values; int4: the int4 store's per-token keys and
 values; groups of 32, bf16 scales) and batch size it reports the bytes one step must read
 (codes + scales + zeros + q), the floor time those bytes take at the device's read bandwidth
-(measured here once with a large reduction), the measured time and its % of the floor.
+(measured here once with a large reduction), the measured time and its % of the floor, and the
+time the fastest XLA reduction takes over one buffer of the same size (reads of tens of MB do
+not reach the large reductions' bandwidth, so this is what reading the bytes once costs).
 
-Timing: a jitted chain of N independent attention calls (fresh q each, caches rotating over
-enough copies to defeat the L2 cache) is run many times; the time per call is the slope between
+Timing: a jitted chain of N attention calls (fresh q each, ordered by an optimization barrier
+that launches nothing, caches rotating over enough copies to defeat the L2 cache) is run many
+times; the time per call is the slope between
 a short and a long chain, which removes the fixed dispatch cost; the median of repeats is kept.
 With --sweep the kernel is also timed under variants of its tuning options (--variants replaces
 them) and the best is shown.
@@ -74,6 +77,32 @@ def read_bandwidth(n_bytes=4 << 30, reps=20):
         print(f"  read bandwidth, {name}: {bw / 1e12:.2f} TB/s")
         best = max(best, bw)
     del x
+    return best
+
+
+def same_size_read(n_bytes, queries, reps):
+    """Seconds per call of the fastest XLA reduction over one float32 buffer of n_bytes.
+
+    Timed like the kernels (`time_per_call`; each reduction also scales by an element of its q,
+    so calls on one buffer stay distinct). Below about 100 MB a read does not reach the large
+    reductions' bandwidth (H100: 42 MB took 24 us, 1.75 TB/s, against 3.16 TB/s at 4 GB): this
+    is what a kernel that only reads its bytes once would take.
+    """
+    n = max(4096, n_bytes // 4 // 4096 * 4096)
+    buffers = [
+        (jax.random.normal(jax.random.PRNGKey(i), (n,), jnp.float32),)
+        for i in range(max(2, math.ceil(L2_DEFEAT_BYTES / (4 * n))))
+    ]
+    reductions = [
+        jnp.sum,
+        lambda a: jnp.sum(a.reshape(-1, 4096), axis=1),
+        lambda a: jnp.sum(a.reshape(4096, -1), axis=0),
+    ]
+    length = jnp.ones((queries[0].shape[0],), jnp.int32)
+    best = math.inf
+    for red in reductions:
+        fn = lambda q, x, l, red=red: (red(x * q[0, 0, 0].astype(jnp.float32)),)
+        best = min(best, time_per_call(fn, buffers, queries, length, reps)[0])
     return best
 
 
@@ -145,9 +174,11 @@ def time_per_call(fn, caches, queries, length, reps):
         def run(qs, cs, length):
             # Each call's q depends on the previous output, so XLA cannot merge the calls' matrix
             # products over a shared cache (it does: independent bf16 einsums over one K got merged).
+            # The link is an optimization barrier, not arithmetic, so it launches no kernel (the
+            # elementwise link used before cost about 3 us per call; docs/kernels.md).
             outs = []
             for i in range(n):
-                q = qs[i] if not outs else qs[i] + (outs[-1][0, 0, 0] * 0).astype(qs[i].dtype)
+                q = qs[i] if not outs else jax.lax.optimization_barrier((qs[i], outs[-1]))[0]
                 outs.append(fn(q, *cs[i % len(cs)], length)[0])
             return outs
 
@@ -227,6 +258,7 @@ def main(argv=None):
                 for i in range(args.calls)
             ]
             floor = step_bytes / bw
+            read = same_size_read(step_bytes, queries, args.reps)
             variants = [("xla", None)] if fmt == "bf16" else []
             options = args.variants or (SWEEP[fmt] if args.sweep else [{}])
             variants += [("pallas", opts) for opts in options]
@@ -237,6 +269,7 @@ def main(argv=None):
                 err = float("nan")
             print(
                 f"{fmt} batch {b}: {step_bytes / 1e6:.1f} MB/step, floor {floor * 1e6:.1f} us,"
+                f" same-size read {read * 1e6:.1f} us,"
                 f" {n_sets} cache copies, kernel vs reference rel err {err:.1e}",
                 flush=True,
             )
@@ -266,6 +299,8 @@ def main(argv=None):
                     time_us=t * 1e6,
                     time_us_no_slope=t_plain * 1e6,
                     pct_floor=100 * floor / t,
+                    same_size_read_us=read * 1e6,
+                    pct_same_size_read=100 * read / t,
                     rel_err_vs_reference=err,
                     cache_sets=n_sets,
                 )
@@ -282,9 +317,9 @@ def main(argv=None):
 
     print(
         "\n| format | batch | impl | options | bytes read (MB) | floor (us) | time (us) |"
-        " % of floor | time incl. dispatch (us) |"
+        " % of floor | same-size read (us) | % of it | time incl. dispatch (us) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     best = {}
     for r in rows:
         key = (r["format"], r["batch"], r["impl"])
@@ -294,11 +329,13 @@ def main(argv=None):
         print(
             f"| {r['format']} | {r['batch']} | {r['impl']} | {json.dumps(r['options']) if r['options'] else '-'} |"
             f" {r['bytes'] / 1e6:.1f} | {r['floor_us']:.1f} | {r['time_us']:.1f} |"
-            f" {r['pct_floor']:.0f}% | {r['time_us_no_slope']:.1f} |"
+            f" {r['pct_floor']:.0f}% | {r['same_size_read_us']:.1f} |"
+            f" {r['pct_same_size_read']:.0f}% | {r['time_us_no_slope']:.1f} |"
         )
     print(
         f"\nfloor = bytes / {bw / 1e12:.2f} TB/s (measured read bandwidth, fastest large"
-        " reduction); time = median per call, slope of chained calls."
+        " reduction); time = median per call, slope of chained calls; same-size read = the"
+        " fastest XLA reduction over one buffer of the step's bytes, timed the same way."
     )
 
 
