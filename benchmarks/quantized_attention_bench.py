@@ -56,16 +56,18 @@ SWEEP = {  # kernel options tried with --sweep, per format ({} = the defaults)
 BITS = {"kivi4": 4, "int4": 4, "kivi2": 2}
 
 
+READS = {  # read-only traffic: three float32 reductions of a 1-D buffer of 4096 * k elements
+    "sum all": jnp.sum,
+    "sum rows": lambda a: jnp.sum(a.reshape(-1, 4096), axis=1),
+    "sum columns": lambda a: jnp.sum(a.reshape(4096, -1), axis=0),
+}
+
+
 def read_bandwidth(n_bytes=4 << 30, reps=20):
-    """Bytes/s of the fastest of three large float32 reductions (read-only traffic)."""
+    """Bytes/s of the fastest of the large `READS` (one call at a time, wall clock)."""
     x = jax.random.normal(jax.random.PRNGKey(0), (n_bytes // 4,), jnp.float32)
-    reductions = {
-        "sum all": jnp.sum,
-        "sum rows": lambda a: jnp.sum(a.reshape(-1, 4096), axis=1),
-        "sum columns": lambda a: jnp.sum(a.reshape(4096, -1), axis=0),
-    }
     best = 0.0
-    for name, red in reductions.items():
+    for name, red in READS.items():
         f = jax.jit(red)
         f(x).block_until_ready()
         times = []
@@ -81,7 +83,7 @@ def read_bandwidth(n_bytes=4 << 30, reps=20):
 
 
 def same_size_read(n_bytes, queries, reps):
-    """Seconds per call of the fastest XLA reduction over one float32 buffer of n_bytes.
+    """Seconds per call of the fastest of `READS` over one float32 buffer of n_bytes.
 
     Timed like the kernels (`time_per_call`; each reduction also scales by an element of its q,
     so calls on one buffer stay distinct). Below about 100 MB a read does not reach the large
@@ -93,14 +95,9 @@ def same_size_read(n_bytes, queries, reps):
         (jax.random.normal(jax.random.PRNGKey(i), (n,), jnp.float32),)
         for i in range(max(2, math.ceil(L2_DEFEAT_BYTES / (4 * n))))
     ]
-    reductions = [
-        jnp.sum,
-        lambda a: jnp.sum(a.reshape(-1, 4096), axis=1),
-        lambda a: jnp.sum(a.reshape(4096, -1), axis=0),
-    ]
     length = jnp.ones((queries[0].shape[0],), jnp.int32)
     best = math.inf
-    for red in reductions:
+    for red in READS.values():
         fn = lambda q, x, l, red=red: (red(x * q[0, 0, 0].astype(jnp.float32)),)
         best = min(best, time_per_call(fn, buffers, queries, length, reps)[0])
     return best

@@ -326,18 +326,14 @@ def _dequantized_planes(ref_codes, ref_scale, ref_zero, op: _Operand, t0, valid,
     return _dequantize_planes(codes, scales, zeros, op, cfg.interpret)
 
 
-def _bf16x2_path(op: _Operand, cfg: _Config) -> bool:
-    """Whether this operand is dequantized by `_dequantize_planes` and multiplied plane by plane.
+def _bf16x2_path(op: _Operand, dequant: str) -> bool:
+    """Whether this operand is dequantized by `_dequantize_planes` and multiplied plane by plane:
+    2-/4-bit unsigned codes, not folded, with `dequant="bf16x2"`.
 
     The planes are never interleaved back into channel order (Triton's join of the packed bf16
     results put pairs of values in the wrong columns): the query is split into the same planes
     for the scores, and the output keeps one accumulator per value plane.
     """
-    return _bf16x2_dequant(op, cfg.dequant)
-
-
-def _bf16x2_dequant(op: _Operand, dequant: str) -> bool:
-    """`_bf16x2_path` before the config exists: 2-/4-bit unsigned codes, not folded."""
     usable = not (op.raw or op.signed or op.folded) and op.bits < 8  # 128 + c exact for c < 128
     return dequant == "bf16x2" and usable
 
@@ -355,7 +351,7 @@ def _reads_pairs(op: _Operand, dequant: str) -> bool:
     """
     planes = 16 // op.bits
     return (
-        _bf16x2_dequant(op, dequant)
+        _bf16x2_path(op, dequant)
         and op.granularity == "per_token"
         and op.head_dim // planes >= 32
         and op.group_size % planes == 0
@@ -402,7 +398,7 @@ def _scores(q, kc, ks, kz, t0, valid, length, cfg: _Config):
     op = cfg.k
     if op.raw:
         return _dot(q, _load_rows(kc, t0, cfg.block, valid), cfg, transpose_b=True)
-    if _bf16x2_path(op, cfg):  # q: one [rows, D // P] tile per plane
+    if _bf16x2_path(op, cfg.dequant):  # q: one [rows, D // P] tile per plane
         planes = _dequantized_planes(kc, ks, kz, op, t0, valid, length, cfg)
         return sum(_dot(qj, kj, cfg, transpose_b=True) for qj, kj in zip(q, planes))
     codes = _codes_to_f32(_load_rows(kc, t0, cfg.block, valid), op, cfg.fast_convert)
@@ -423,7 +419,7 @@ def _weighted_values(p, vc, vs, vz, t0, valid, length, cfg: _Config):
     op = cfg.v
     if op.raw:
         return _dot(p, _load_rows(vc, t0, cfg.block, valid), cfg)
-    if _bf16x2_path(op, cfg):  # one [rows, D // P] result per plane
+    if _bf16x2_path(op, cfg.dequant):  # one [rows, D // P] result per plane
         planes = _dequantized_planes(vc, vs, vz, op, t0, valid, length, cfg)
         return tuple(_dot(p, vj, cfg) for vj in planes)
     codes = _codes_to_f32(_load_rows(vc, t0, cfg.block, valid), op, cfg.fast_convert)
@@ -452,12 +448,12 @@ def _kernel(length_ref, q_ref, *refs, cfg: _Config):
     n_blocks = (n_slots + cfg.block - 1) // cfg.block
     row_ok = jnp.arange(cfg.rows) < cfg.group_q
     q_rows, q_ok = pl.ds(0, cfg.rows), row_ok[:, None]
-    if _bf16x2_path(cfg.k, cfg):
+    if _bf16x2_path(cfg.k, cfg.dequant):
         q = _column_planes(q_ref, q_rows, q_ok, cfg.k.planes, cfg.interpret)
     else:
         q = plgpu.load(q_ref.at[q_rows, :], mask=q_ok, other=0)
     q = jax.tree.map(lambda x: _mma_cast(x.astype(jnp.float32) * cfg.sm_scale, cfg), q)
-    v_planes = cfg.v.planes if _bf16x2_path(cfg.v, cfg) else 1
+    v_planes = cfg.v.planes if _bf16x2_path(cfg.v, cfg.dequant) else 1
 
     def body(i, carry):
         m, l, acc = carry
