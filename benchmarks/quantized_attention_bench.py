@@ -8,8 +8,8 @@ int4 and int2: per-channel keys, per-token values; int4: the int4 store's per-to
 values; groups of 32, bf16 scales) and batch size it reports the bytes one step must read
 (codes + scales + zeros + q), the floor time those bytes take at the device's read bandwidth
 (measured here once with a large reduction), the measured time and its % of the floor, and the
-time the fastest XLA reduction takes over one buffer of the same size (reads of tens of MB do
-not reach the large reductions' bandwidth, so this is what reading the bytes once costs).
+time the fastest XLA reduction takes over one buffer of the same size, timed the same way (at
+batch 1 launch gaps weigh on both; docs/kernels.md has GPU-side times).
 
 Timing: a jitted chain of N attention calls (fresh q each, ordered by an optimization barrier
 that launches nothing, caches rotating over enough copies to defeat the L2 cache) is run many
@@ -86,9 +86,9 @@ def same_size_read(n_bytes, queries, reps):
     """Seconds per call of the fastest of `READS` over one float32 buffer of n_bytes.
 
     Timed like the kernels (`time_per_call`; each reduction also scales by an element of its q,
-    so calls on one buffer stay distinct). Below about 100 MB a read does not reach the large
-    reductions' bandwidth (H100: 42 MB took 24 us, 1.75 TB/s, against 3.16 TB/s at 4 GB): this
-    is what a kernel that only reads its bytes once would take.
+    so calls on one buffer stay distinct), launch gaps included: a reference for a call that
+    only reads its bytes once. At tens of MB it lies well above the floor (H100: 42 MB in
+    20-28 us wall-clock, against 16 us GPU-side under Nsight Compute; docs/kernels.md).
     """
     n = max(4096, n_bytes // 4 // 4096 * 4096)
     buffers = [
