@@ -9,7 +9,7 @@ documents, without ever writing a dequantized K or V to device memory:
 - inside a program a loop walks `block` slots at a time: masked loads of the packed codes and
   their scales (slots >= length read as 0), dequantisation in registers, two small matrix
   products on the tensor cores and an online softmax (running max, sum and accumulator);
-- 2- and 4-bit codes with bf16 products (`dequant="bf16x2"`, the default for bf16 q) are
+- 2- and 4-bit codes with bf16 products (`dequant="ptx"`, the default for bf16 q) are
   dequantised by inline PTX straight into bf16 pairs (`_plane_dequant_ptx`) and kept as bit
   planes (plane j = channels j, j + P, ...): q is split into the same planes for the scores
   and the output keeps one accumulator per value plane, so nothing is ever re-interleaved;
@@ -18,7 +18,9 @@ documents, without ever writing a dequantized K or V to device memory:
   8-bit and f32 products use jnp float32 arithmetic (`dequant="f32"`);
 - per-token scales that cover the whole head (MaxText int8) are folded instead of dequantised:
   the key scale multiplies the scores after q . code, the value scale multiplies the
-  probabilities before p @ code;
+  probabilities before p @ code; with bf16 q the int8 codes are converted exactly by inline
+  PTX, keys into float16 (q . k on float16 tensor cores, q scaled per row into [-1, 1]) and
+  values, read as uint32 words, into four bfloat16 byte planes (`_int8_ptx_path`);
 - each split writes its partial (acc, max, sum); a second small kernel (split_merge.py) merges
   the splits by log-sum-exp into the normalised output and its lse.
 
@@ -31,11 +33,12 @@ TPU: the Mosaic TPU variant lives in quantized_attention_tpu.py (`implementation
 It was checked on a CPU only (TPU interpret mode, Pallas-to-Mosaic lowering), so with
 `implementation=None` the dispatcher does not pick it: on TPU it uses the reference.
 
-Performance on an H100 (docs/kernels.md): at batch 16 dense bf16 and int8 run at 84-104% of
-the HBM floor, the int4 store at about 80% and KIVI int4 at 57% (byte pairs; 64% and 52% with
-bytes, 45% and 41% with the float32 path); at batch 1 every format reads at 16-79% (int4
-store 40-50%, int8 50-54%; GPU-side under Nsight Compute 49% and 56%): the int4 kernel takes
-25 us where XLA reads the same 42 MB in 16 us, and the split merge adds 5.5 us.
+Performance (docs/kernels.md): on an H200 (2026-12-03; kernel + split merge under Nsight
+Compute, against XLA's read of the same bytes) the int8 store reads at 70% of that speed at
+batch 16 and 52% at batch 1, the int4 store at 56% and 41%, KIVI int4 at 41% and 36%: the
+4-bit kernels are bound by instruction issue (dequantisation, Triton's operand layouts), and
+at batch 1 the merge adds 5 us to a 12-18 us read. The int4 store on an H100 read at 82% at
+batch 16.
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ class _Operand:
     head_dim: int
     raw: bool = False  # a dense bf16/f32 array (an exact segment), no codes or scales
     pairs: bool = False  # codes read as uint16 byte pairs (set by the wrapper: `_reads_pairs`)
+    words: bool = False  # int8 codes read as uint32 words, one plane per byte (int8 values)
 
     @property
     def per_byte(self) -> int:
@@ -95,8 +99,8 @@ class _Operand:
 
     @property
     def planes(self) -> int:
-        """Column planes of the bf16x2 path: codes per byte, or per byte pair."""
-        return self.per_byte * (2 if self.pairs else 1)
+        """Column planes of the bf16x2 path (codes per byte, or per byte pair) or of words."""
+        return 4 if self.words else self.per_byte * (2 if self.pairs else 1)
 
     @property
     def folded(self) -> bool:
@@ -131,7 +135,7 @@ class _Config:
     sm_scale: float
     mma: str  # operand type of the matrix products: "bf16", "tf32" or "f32"
     fast_convert: bool
-    dequant: str  # "bf16x2": packed codes to bf16 by inline PTX; "f32": jnp float32 arithmetic
+    dequant: str  # "ptx": codes to 16-bit pairs by inline PTX; "f32": jnp float32 arithmetic
     interpret: bool
     k: _Operand
     v: _Operand
@@ -251,6 +255,76 @@ def _pair_plane_dequant_ptx(bits: int, byte: int, plane: int) -> str:
     return _dequant_ptx(bits, plane, [("$1", selector, "$0", "$2", "$3")])
 
 
+_F16X2_1152 = 0x64806480  # two float16 1152.0: (0x6400 | u) is 1024 + u exactly for u < 1024
+_F32_BIAS = 0x4B000080  # float32 2**23 + 128: (0x4B000000 | u) is 2**23 + u exactly
+
+# Keys: 4 int8 codes ($2, Triton pack=4) -> 2 registers of float16 pairs. The bytes are offset to
+# u = c + 128 (xor), one prmt puts two of them under the exponent of 1024.0 (0x64XX is 1024 + u)
+# and one sub.f16x2 removes 1152: 1.25 instructions per code, exact.
+_INT8_TO_F16_PTX = f"""{{
+.reg .b32 t, bias;
+xor.b32 t, $2, 0x80808080;
+prmt.b32 $0, t, 0x64646464, 0x4140;
+prmt.b32 $1, t, 0x64646464, 0x4342;
+mov.b32 bias, {_F16X2_1152:#x};
+sub.rn.f16x2 $0, $0, bias;
+sub.rn.f16x2 $1, $1, bias;
+}}"""
+
+
+def _byte_plane_ptx(byte: int) -> str:
+    """Values: byte `byte` of 2 words of offset codes u = c + 128 ($1, $2; Triton pack=2) ->
+    one register of 2 bfloat16 ($0). bfloat16's 8 significant bits cannot hold 1024 + u, so each
+    byte goes into the mantissa of 2**23 (prmt), 2**23 + 128 is subtracted in float32 and
+    cvt.rn.bf16x2.f32 packs the two exact results."""
+    selector = 0x7540 | byte  # result bytes [u, 0, 0, 0x4B] from b = 0x4B000000
+    return f"""{{
+.reg .b32 a, b;
+prmt.b32 a, $1, 0x4B000000, {selector:#x};
+prmt.b32 b, $2, 0x4B000000, {selector:#x};
+sub.rn.f32 a, a, 0f{_F32_BIAS:08X};
+sub.rn.f32 b, b, 0f{_F32_BIAS:08X};
+cvt.rn.bf16x2.f32 $0, b, a;
+}}"""
+
+
+def _int8_keys(codes, interpret: bool):
+    """int8 key codes read as uint8 [R, D] -> the same integers in float16 [R, D] (exact)."""
+    if interpret:  # interpret mode has no PTX
+        return lax.bitcast_convert_type(codes, jnp.int8).astype(jnp.float16)
+    return plgpu.elementwise_inline_asm(
+        _INT8_TO_F16_PTX,
+        args=[codes],
+        constraints="=r,=r,r",
+        pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(codes.shape, jnp.float16)],
+    )[0]
+
+
+def _int8_value_planes(words, interpret: bool):
+    """int8 value codes read as uint32 words [R, D // 4] -> 4 exact bfloat16 planes [R, D // 4]
+    (plane j: byte j of each word, channels j, j + 4, ...).
+
+    Planes of whole words keep Triton from reading the codes a byte at a time: as a [R, D]
+    tile converted straight into the MMA operand (pairs of slots per thread) it loaded them
+    with one LDS.U8 and three quarters of a prmt each (compiled offline, docs/kernels.md).
+    """
+    u = words ^ jnp.uint32(0x80808080)
+    if interpret:
+        return [(((u >> (8 * j)) & 0xFF).astype(jnp.float32) - 128).astype(jnp.bfloat16)
+                for j in range(4)]
+    return [
+        plgpu.elementwise_inline_asm(
+            _byte_plane_ptx(j),
+            args=[u],
+            constraints="=r,r,r",
+            pack=2,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.bfloat16)],
+        )[0]
+        for j in range(4)
+    ]
+
+
 def _dequantize_planes(codes, scales, zeros, op: _Operand, interpret: bool):
     """Packed codes [R, C] and bf16 [R, C] scale/zero per plane -> P bf16 planes [R, C].
 
@@ -327,14 +401,24 @@ def _dequantized_planes(ref_codes, ref_scale, ref_zero, op: _Operand, t0, valid,
 
 def _bf16x2_path(op: _Operand, dequant: str) -> bool:
     """Whether this operand is dequantized by `_dequantize_planes` and multiplied plane by plane:
-    2-/4-bit unsigned codes, not folded, with `dequant="bf16x2"`.
+    2-/4-bit unsigned codes, not folded, with `dequant="ptx"`.
 
     The planes are never interleaved back into channel order (Triton's join of the packed bf16
     results put pairs of values in the wrong columns): the query is split into the same planes
     for the scores, and the output keeps one accumulator per value plane.
     """
     usable = not (op.raw or op.signed or op.folded) and op.bits < 8  # 128 + c exact for c < 128
-    return dequant == "bf16x2" and usable
+    return dequant == "ptx" and usable
+
+
+def _int8_ptx_path(op: _Operand, dequant: str) -> bool:
+    """Whether this operand's int8 codes (MaxText: one folded scale per token) are converted by
+    inline PTX: keys to float16 (`_int8_keys`: 11 significant bits hold 1024 + u), so q . k
+    runs on float16 tensor cores with q scaled per row into [-1, 1]; values to bfloat16 byte
+    planes (`_int8_value_planes`), so that p * scale keeps float32's exponent range. Both hold
+    the codes exactly.
+    """
+    return dequant == "ptx" and op.signed and op.folded
 
 
 def _reads_pairs(op: _Operand, dequant: str) -> bool:
@@ -371,8 +455,16 @@ def _expanded(ref, op: _Operand, t0, block, length):
 
 
 def _per_slot(ref, t0, block, valid):
-    """Folded per-token scale or zero: ref [T, 1] -> float32 [1, block]."""
-    return _load_rows(ref, t0, block, valid).astype(jnp.float32).reshape(1, block)
+    """Folded per-token scale or zero: ref [T] (the wrapper drops the unit axis) -> float32
+    [1, block].
+
+    Loaded as a vector and broadcast with [None, :], which Triton lays out as a slice of the
+    score tile; a [block, 1] tile reshaped to [1, block] made it move the whole score tile
+    through shared memory twice per block instead (int8: 2,598 instructions per 128-slot step
+    of a warp, compiled offline; docs/kernels.md).
+    """
+    x = plgpu.load(ref.at[pl.ds(t0, block)], mask=valid, other=0)
+    return x.astype(jnp.float32)[None, :]
 
 
 def _mma_cast(x, cfg: _Config):
@@ -400,6 +492,11 @@ def _scores(q, kc, ks, kz, t0, valid, length, cfg: _Config):
     if _bf16x2_path(op, cfg.dequant):  # q: one [rows, D // P] tile per plane
         planes = _dequantized_planes(kc, ks, kz, op, t0, valid, length, cfg)
         return sum(_dot(qj, kj, cfg, transpose_b=True) for qj, kj in zip(q, planes))
+    if _int8_ptx_path(op, cfg.dequant):  # q = (q / |q|_inf as float16, |q|_inf per row)
+        q16, norm = q
+        codes = _int8_keys(_load_rows(kc, t0, cfg.block, valid), cfg.interpret)
+        s = lax.dot_general(q16, codes, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        return s * (norm[:, None] * _per_slot(ks, t0, cfg.block, valid))
     codes = _codes_to_f32(_load_rows(kc, t0, cfg.block, valid), op, cfg.fast_convert)
     if op.folded:  # q . (c * s_t + z_t) = s_t (q . c) + z_t sum(q)
         s = _dot(q, codes, cfg, transpose_b=True) * _per_slot(ks, t0, cfg.block, valid)
@@ -421,6 +518,10 @@ def _weighted_values(p, vc, vs, vz, t0, valid, length, cfg: _Config):
     if _bf16x2_path(op, cfg.dequant):  # one [rows, D // P] result per plane
         planes = _dequantized_planes(vc, vs, vz, op, t0, valid, length, cfg)
         return tuple(_dot(p, vj, cfg) for vj in planes)
+    if op.words:  # exact bf16 codes, one byte plane per accumulator; p * s keeps bf16's range
+        planes = _int8_value_planes(_load_rows(vc, t0, cfg.block, valid), cfg.interpret)
+        w = p * _per_slot(vs, t0, cfg.block, valid)
+        return tuple(_dot(w, x, cfg) for x in planes)
     codes = _codes_to_f32(_load_rows(vc, t0, cfg.block, valid), op, cfg.fast_convert)
     if op.folded:  # sum_t p_t (c_t * s_t + z_t) = (p * s) @ c + sum_t p_t z_t
         o = _dot(p * _per_slot(vs, t0, cfg.block, valid), codes, cfg)
@@ -451,8 +552,14 @@ def _kernel(length_ref, q_ref, *refs, cfg: _Config):
         q = _column_planes(q_ref, q_rows, q_ok, cfg.k.planes, cfg.interpret)
     else:
         q = plgpu.load(q_ref.at[q_rows, :], mask=q_ok, other=0)
-    q = jax.tree.map(lambda x: _mma_cast(x.astype(jnp.float32) * cfg.sm_scale, cfg), q)
-    v_planes = cfg.v.planes if _bf16x2_path(cfg.v, cfg.dequant) else 1
+    if _int8_ptx_path(cfg.k, cfg.dequant):  # float16 products: rows scaled into [-1, 1]
+        q = q.astype(jnp.float32) * cfg.sm_scale
+        norm = jnp.max(jnp.abs(q), axis=1)
+        norm = jnp.where(norm > 0, norm, 1.0)
+        q = ((q / norm[:, None]).astype(jnp.float16), norm)
+    else:
+        q = jax.tree.map(lambda x: _mma_cast(x.astype(jnp.float32) * cfg.sm_scale, cfg), q)
+    v_planes = cfg.v.planes if _bf16x2_path(cfg.v, cfg.dequant) or cfg.v.words else 1
 
     def body(i, carry):
         m, l, acc = carry
@@ -491,6 +598,25 @@ def _kernel(length_ref, q_ref, *refs, cfg: _Config):
 # ----------------------------------------------------------------------------- wrapper
 
 
+def _default_tuning(batch_heads: int, k: _Operand, v: _Operand) -> dict:
+    """Block, programs and warps where the caller gives none: the fastest measured on an H200.
+
+    GPU-side (Nsight Compute) times of attention kernel + split merge, 32k slots, Llama-3.1-8B
+    shape, 2026-12-03 (docs/kernels.md): with 16 sequences (128 (sequence, kv-head) pairs)
+    blocks of 128 slots and 1,024 programs beat 64 and 512 (int4 store 294 -> 261 us, int8
+    404 -> 386 us); with one sequence they lose (int8 37 -> 43 us: 128 splits make the merge
+    5 -> 8 us), so narrow batches keep 64 and 512. Per-channel KIVI keys run best on 2 warps
+    (batch 1: 49 -> 36 us; batch 16 with blocks of 128: 365 us against 401 us with 4 warps).
+    """
+    wide = batch_heads >= 64 and k.head_dim <= 128  # larger tiles would overflow shared memory
+    kivi = "per_channel" in (k.granularity, v.granularity)
+    return dict(
+        block=128 if wide else 64,
+        target_programs=1024 if wide else 512,
+        num_warps=2 if kivi else 4,
+    )
+
+
 def _choose_split(batch, kv_heads, slots, block, num_splits, target_programs):
     """Slots per program: enough programs to fill the GPU, each a whole number of blocks."""
     n_blocks = pl.cdiv(slots, block)
@@ -519,8 +645,8 @@ def _pallas_gpu(
     interpret,
     block=None,
     num_splits=None,
-    target_programs=512,
-    num_warps=4,
+    target_programs=None,
+    num_warps=None,
     num_stages=3,
     fast_convert=True,
     mma=None,
@@ -533,12 +659,16 @@ def _pallas_gpu(
     if mma is None:
         mma = "f32" if q.dtype == jnp.float32 else "bf16"
     if dequant is None:
-        dequant = "bf16x2" if mma == "bf16" else "f32"
-    if dequant not in ("bf16x2", "f32") or (dequant == "bf16x2" and mma != "bf16"):
-        raise UserError(f"dequant must be 'f32', or 'bf16x2' with bf16 products; got {dequant!r}")
+        dequant = "ptx" if mma == "bf16" else "f32"
+    if dequant not in ("ptx", "f32") or (dequant == "ptx" and mma != "bf16"):
+        raise UserError(f"dequant must be 'f32', or 'ptx' with bf16 products; got {dequant!r}")
     k_op, v_op = (_Operand.of(x, dequant, pairs) for x in (k, v))
+    v_op = dataclasses.replace(v_op, words=_int8_ptx_path(v_op, dequant))
     align = max(op.group_size if op.granularity == "per_channel" else 1 for op in (k_op, v_op))
-    block = block or max(64, align)
+    tuned = _default_tuning(b * hkv, k_op, v_op)
+    block = block or max(tuned["block"], align)
+    target_programs = target_programs or tuned["target_programs"]
+    num_warps = num_warps or tuned["num_warps"]
     if not _is_pow2(block) or block % align:
         raise UserError(f"block must be a power of two and a multiple of {align}, got {block}")
     split, n_splits = _choose_split(b, hkv, t, block, num_splits, target_programs)
@@ -561,9 +691,15 @@ def _pallas_gpu(
         if op.raw:
             return [x]
         codes = lax.bitcast_convert_type(x.codes, jnp.uint8) if x.signed else x.codes
-        if op.pairs:  # little-endian: byte b of a pair is bits [8b, 8b + 8)
-            codes = lax.bitcast_convert_type(codes.reshape(*codes.shape[:-1], -1, 2), jnp.uint16)
-        return [codes, x.scale] + ([x.zero] if x.zero is not None else [])
+        if op.pairs or op.words:  # little-endian: byte b of a pair or word is bits [8b, 8b + 8)
+            width = jnp.uint32 if op.words else jnp.uint16
+            codes = lax.bitcast_convert_type(
+                codes.reshape(*codes.shape[:-1], -1, jnp.dtype(width).itemsize), width
+            )
+        params = [x.scale] + ([x.zero] if x.zero is not None else [])
+        if op.folded:  # [..., T, 1] -> [..., T]: read as vectors by `_per_slot`
+            params = [a[..., 0] for a in params]
+        return [codes, *params]
 
     operands = arrays(k, cfg.k) + arrays(v, cfg.v)
     length = jnp.clip(length.astype(jnp.int32), 0, t)

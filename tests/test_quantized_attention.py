@@ -71,7 +71,9 @@ def _assert_matches_reference(out, lse, q, k, v, length, dtype):
     assert out.dtype == jnp.float32 and lse.dtype == jnp.float32
     assert np.all(np.isfinite(np.asarray(out)))
     assert _rel_err(out, ref_out) < TOL[dtype]
-    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=TOL[dtype], atol=1e-3)
+    # bf16 products round scores of a few units by ~1e-2, which lse near 0 shows as absolute error
+    atol = max(1e-3, TOL[dtype])
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=TOL[dtype], atol=atol)
 
 
 def _query(seed, b, hq, d, dtype):
@@ -105,6 +107,18 @@ def test_kernel_matches_reference(fmt, bits, dtype, b, hkv, group, d, t, lengths
     length = jnp.asarray(lengths, jnp.int32)
     out, lse = _kernel(q, k, v, length, block=32, num_splits=2)
     _assert_matches_reference(out, lse, q, k, v, length, dtype)
+
+
+@pytest.mark.parametrize("fmt,bits", [("tok", 4), ("int8", 8), ("kivi", 4)])
+def test_wide_batch_defaults_match_reference(fmt, bits):
+    # 64 (sequence, kv-head) pairs: the default tuning switches to 128-slot blocks (and 2 warps
+    # for KIVI); the last block of each sequence is partial.
+    b, hkv, t = 16, 4, 160
+    k, v = _random_cache(bits * 7 + b, b, hkv, t, 128, bits, fmt, jnp.bfloat16)
+    q = _query(9, b, hkv * 4, 128, jnp.bfloat16)
+    length = jnp.asarray(np.random.default_rng(bits).integers(1, t + 1, b), jnp.int32)
+    out, lse = _kernel(q, k, v, length)
+    _assert_matches_reference(out, lse, q, k, v, length, jnp.bfloat16)
 
 
 @pytest.mark.parametrize(
@@ -287,7 +301,7 @@ def test_bad_inputs_raise_user_error():
             _query(0, 1, 2, 32, jnp.float32), k, v, length, implementation="cuda"
         )
     with pytest.raises(UserError, match="dequant"):  # the PTX path makes bf16 operands only
-        _kernel(_query(0, 1, 2, 32, jnp.float32), k, v, length, dequant="bf16x2")
+        _kernel(_query(0, 1, 2, 32, jnp.float32), k, v, length, dequant="ptx")
     with pytest.raises(UserError, match="T % group_size"):
         kp.quantize_per_channel(jnp.ones((1, 1, 40, 32)), 4)
 
