@@ -18,6 +18,13 @@ a short and a long chain, which removes the fixed dispatch cost; the median of r
 With --sweep the kernel is also timed under variants of its tuning options (--variants replaces
 them) and the best is shown.
 A Markdown table is printed last; --jsonl writes every measurement.
+
+GPU-side times (no launch gaps): --profile skips the timing and calls each variant and each
+same-size read 3 times, for Nsight Compute:
+
+  ncu --clock-control none --kernel-name regex:"quantized|merge|reduce" \
+      --metrics gpu__time_duration.sum --csv --log-file ncu.csv \
+      python benchmarks/quantized_attention_bench.py --profile --formats int8 int4 --batch 1 16
 """
 
 from __future__ import annotations
@@ -198,6 +205,29 @@ def time_per_call(fn, caches, queries, length, reps):
     return (medians[n_long] - medians[n_short]) / (n_long - n_short), medians[n_long] / n_long
 
 
+def attention_fn(impl, opts):
+    if impl == "xla":
+        return xla_dense_attention
+    return lambda q, k, v, l: quantized_decode_attention(
+        q, k, v, l, implementation="pallas_gpu", **opts
+    )
+
+
+def profile_calls(variants, cache, q, length, step_bytes):
+    """Three untimed calls of each variant and of each same-size read (for `ncu`: GPU-side
+    kernel times without launch gaps; docs/kernels.md gives the command)."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (max(4096, step_bytes // 4 // 4096 * 4096),))
+    for red in READS.values():
+        f = jax.jit(red)
+        for _ in range(3):
+            f(x).block_until_ready()
+    for impl, opts in variants:
+        f = jax.jit(attention_fn(impl, opts))
+        for _ in range(3):
+            jax.block_until_ready(f(q, *cache, length))
+        print(f"  profiled {impl} {json.dumps(opts)}", flush=True)
+
+
 def check_against_reference(caches, queries, length):
     k, v = caches[0]
     out, lse = jax.jit(quantized_decode_attention)(queries[0], k, v, length)
@@ -214,6 +244,10 @@ def main(argv=None):
     ap.add_argument(
         "--variants", nargs="+", type=json.loads, default=None,
         help="kernel options (JSON objects) to time for every format instead of the sweep's",
+    )
+    ap.add_argument(
+        "--profile", action="store_true",
+        help="no timing: call each variant and the same-size reads 3 times, for Nsight Compute",
     )
     ap.add_argument("--calls", type=int, default=16, help="calls in the long timing chain")
     ap.add_argument("--reps", type=int, default=20)
@@ -232,7 +266,7 @@ def main(argv=None):
         f" {datetime.date.today()}",
         flush=True,
     )
-    bw = read_bandwidth()
+    bw = 1.0 if args.profile else read_bandwidth()
     print(
         f"read bandwidth used for the floor: {bw / 1e12:.2f} TB/s, the fastest 4 GiB reduction"
         f" (DESIGN.md: {DESIGN_BW / 1e12:.2f} TB/s)",
@@ -255,10 +289,13 @@ def main(argv=None):
                 for i in range(args.calls)
             ]
             floor = step_bytes / bw
-            read = same_size_read(step_bytes, queries, args.reps)
             variants = [("xla", None)] if fmt == "bf16" else []
             options = args.variants or (SWEEP[fmt] if args.sweep else [{}])
             variants += [("pallas", opts) for opts in options]
+            if args.profile:
+                profile_calls(variants, caches[0], queries[0], length, step_bytes)
+                continue
+            read = same_size_read(step_bytes, queries, args.reps)
             try:
                 err = check_against_reference(caches, queries, length)
             except Exception as e:  # report and go on to the timings
@@ -275,14 +312,10 @@ def main(argv=None):
                     print(f"  {fmt} b={b} {opts}: skipped (time budget)")
                     continue
                 t_variant = time.perf_counter()
-                if impl == "xla":
-                    fn = xla_dense_attention
-                else:
-                    fn = lambda q, k, v, l, o=opts: quantized_decode_attention(
-                        q, k, v, l, implementation="pallas_gpu", **o
-                    )
                 try:
-                    t, t_plain = time_per_call(fn, caches, queries, length, args.reps)
+                    t, t_plain = time_per_call(
+                        attention_fn(impl, opts), caches, queries, length, args.reps
+                    )
                 except Exception as e:  # a variant that does not compile must not stop the others
                     print(f"  {fmt} b={b} {impl} {opts}: FAILED {type(e).__name__}: {str(e)[:300]}")
                     continue
