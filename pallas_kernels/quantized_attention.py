@@ -598,7 +598,7 @@ def _kernel(length_ref, q_ref, *refs, cfg: _Config):
 # ----------------------------------------------------------------------------- wrapper
 
 
-def _default_tuning(batch_heads: int, k: _Operand, v: _Operand) -> dict:
+def _default_tuning(batch_heads: int, k: _Operand, v: _Operand, mma: str) -> dict:
     """Block, programs and warps where the caller gives none: the fastest measured on an H200.
 
     GPU-side (Nsight Compute) times of attention kernel + split merge, 32k slots, Llama-3.1-8B
@@ -608,7 +608,8 @@ def _default_tuning(batch_heads: int, k: _Operand, v: _Operand) -> dict:
     5 -> 8 us), so narrow batches keep 64 and 512. Per-channel KIVI keys run best on 2 warps
     (batch 1: 49 -> 36 us; batch 16 with blocks of 128: 365 us against 401 us with 4 warps).
     """
-    wide = batch_heads >= 64 and k.head_dim <= 128  # larger tiles would overflow shared memory
+    # larger (or float32) tiles could overflow shared memory; they were not measured either
+    wide = batch_heads >= 64 and k.head_dim <= 128 and mma == "bf16"
     kivi = "per_channel" in (k.granularity, v.granularity)
     return dict(
         block=128 if wide else 64,
@@ -665,7 +666,7 @@ def _pallas_gpu(
     k_op, v_op = (_Operand.of(x, dequant, pairs) for x in (k, v))
     v_op = dataclasses.replace(v_op, words=_int8_ptx_path(v_op, dequant))
     align = max(op.group_size if op.granularity == "per_channel" else 1 for op in (k_op, v_op))
-    tuned = _default_tuning(b * hkv, k_op, v_op)
+    tuned = _default_tuning(b * hkv, k_op, v_op, mma)
     block = block or max(tuned["block"], align)
     target_programs = target_programs or tuned["target_programs"]
     num_warps = num_warps or tuned["num_warps"]
