@@ -89,6 +89,12 @@ def read_bandwidth(n_bytes=4 << 30, reps=20):
     return best
 
 
+def read_buffer(n_bytes, seed=0):
+    """A float32 buffer of about n_bytes whose length every `READS` reshape accepts."""
+    n = max(4096, n_bytes // 4 // 4096 * 4096)
+    return jax.random.normal(jax.random.PRNGKey(seed), (n,), jnp.float32)
+
+
 def same_size_read(n_bytes, queries, reps):
     """Seconds per call of the fastest of `READS` over one float32 buffer of n_bytes.
 
@@ -97,11 +103,9 @@ def same_size_read(n_bytes, queries, reps):
     only reads its bytes once. At tens of MB it lies well above the floor (H100: 42 MB in
     20-28 us wall-clock, against 16 us GPU-side under Nsight Compute; docs/kernels.md).
     """
-    n = max(4096, n_bytes // 4 // 4096 * 4096)
-    buffers = [
-        (jax.random.normal(jax.random.PRNGKey(i), (n,), jnp.float32),)
-        for i in range(max(2, math.ceil(L2_DEFEAT_BYTES / (4 * n))))
-    ]
+    buffers = [(read_buffer(n_bytes, 0),)]
+    copies = max(2, math.ceil(L2_DEFEAT_BYTES / buffers[0][0].nbytes))
+    buffers += [(read_buffer(n_bytes, i),) for i in range(1, copies)]
     length = jnp.ones((queries[0].shape[0],), jnp.int32)
     best = math.inf
     for red in READS.values():
@@ -216,7 +220,7 @@ def attention_fn(impl, opts):
 def profile_calls(variants, cache, q, length, step_bytes):
     """Three untimed calls of each variant and of each same-size read (for `ncu`: GPU-side
     kernel times without launch gaps; docs/kernels.md gives the command)."""
-    x = jax.random.normal(jax.random.PRNGKey(0), (max(4096, step_bytes // 4 // 4096 * 4096),))
+    x = read_buffer(step_bytes)
     for red in READS.values():
         f = jax.jit(red)
         for _ in range(3):
@@ -266,12 +270,15 @@ def main(argv=None):
         f" {datetime.date.today()}",
         flush=True,
     )
-    bw = 1.0 if args.profile else read_bandwidth()
-    print(
-        f"read bandwidth used for the floor: {bw / 1e12:.2f} TB/s, the fastest 4 GiB reduction"
-        f" (DESIGN.md: {DESIGN_BW / 1e12:.2f} TB/s)",
-        flush=True,
-    )
+    if args.profile:  # the floor is not used: ncu gives the times
+        bw = math.nan
+    else:
+        bw = read_bandwidth()
+        print(
+            f"read bandwidth used for the floor: {bw / 1e12:.2f} TB/s, the fastest 4 GiB"
+            f" reduction (DESIGN.md: {DESIGN_BW / 1e12:.2f} TB/s)",
+            flush=True,
+        )
     log = open(args.jsonl, "w") if args.jsonl else None
     t_start = time.perf_counter()
     rows = []
@@ -280,7 +287,8 @@ def main(argv=None):
             length = jnp.full((b,), args.slots, jnp.int32)
             one = make_cache(fmt, jax.random.PRNGKey(1), b, args.slots)
             step_bytes = nbytes(one) + b * HQ * D * 2
-            n_sets = max(2, math.ceil(L2_DEFEAT_BYTES / step_bytes))
+            # ncu flushes the caches itself: --profile needs one copy
+            n_sets = 1 if args.profile else max(2, math.ceil(L2_DEFEAT_BYTES / step_bytes))
             caches = [one] + [
                 make_cache(fmt, jax.random.PRNGKey(2 + i), b, args.slots) for i in range(n_sets - 1)
             ]
@@ -344,6 +352,8 @@ def main(argv=None):
                     log.write(json.dumps(rec) + "\n")
                 rows.append(rec)
             del caches, one
+    if args.profile:
+        return
 
     print(
         "\n| format | batch | impl | options | bytes read (MB) | floor (us) | time (us) |"
