@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import warnings
 
 import jax
@@ -38,6 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from engine.errors import UserError
+from pallas_kernels.fast_exp2 import LOG2E, exp2
 from pallas_kernels.column_sums_reference import (
     attention_column_sums_reference,
     check_column_sum_inputs,
@@ -46,9 +46,6 @@ from pallas_kernels.column_sums_reference import (
 IMPLEMENTATIONS = ("reference", "pallas_gpu")
 
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
-
-_LOG2E = math.log2(math.e)
-
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
@@ -60,16 +57,6 @@ class _Config:
     interpret: bool
 
 
-def _exp2(x, cfg: _Config):
-    """2**x with the hardware's approximate exp2 (one MUFU instruction; libdevice's exp2f adds
-    denormal handling). Interpret mode has no PTX, so it uses jnp.exp2."""
-    if cfg.interpret:
-        return jnp.exp2(x)
-    return plgpu.elementwise_inline_asm(
-        "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])[0]
-
-
 def _kernel(length_ref, q_ref, k_ref, lse_ref, out_ref, *, cfg: _Config):
     """q_ref [T * G, D] (row t * G + h: query t, head h of the group), k_ref [T, D], lse_ref
     [T * G] (in log2 units, same rows), out_ref [block_k]."""
@@ -78,7 +65,7 @@ def _kernel(length_ref, q_ref, k_ref, lse_ref, out_ref, *, cfg: _Config):
     j0 = pl.program_id(2) * bk
     keys = j0 + jnp.arange(bk)
     k = plgpu.load(k_ref.at[pl.ds(j0, bk), :], mask=(keys < length)[:, None], other=0)
-    scale = cfg.head_dim**-0.5 * _LOG2E
+    scale = cfg.head_dim**-0.5 * LOG2E
 
     def step(i, acc, masked: bool):
         queries = i * bq + jnp.arange(bq * g) // g
@@ -87,7 +74,7 @@ def _kernel(length_ref, q_ref, k_ref, lse_ref, out_ref, *, cfg: _Config):
         q = plgpu.load(q_ref.at[rows, :], mask=rows_ok[:, None], other=0)
         lse = plgpu.load(lse_ref.at[rows], mask=rows_ok, other=0.0)
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        p = _exp2(s * scale - lse[:, None], cfg)
+        p = exp2(s * scale - lse[:, None], cfg.interpret)
         if masked:
             seen = (keys[None, :] <= queries[:, None]) & rows_ok[:, None]
             if cfg.window is not None:
@@ -129,7 +116,7 @@ def _pallas_gpu(q, k, lse, lengths, *, window, interpret, block_rows=64, block_k
     # The group's query heads become rows of one matrix: [B, Hkv, T * G, D] (a copy of q, small
     # next to the T^2 work).
     q_rows = q.reshape(b, t, hkv, group, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, t * group, d)
-    lse_rows = (lse.astype(jnp.float32) * _LOG2E).reshape(b, t, hkv, group)
+    lse_rows = (lse.astype(jnp.float32) * LOG2E).reshape(b, t, hkv, group)
     lse_rows = lse_rows.transpose(0, 2, 1, 3).reshape(b, hkv, t * group)
     slab = lambda *rest: pl.BlockSpec(  # the whole [T (* G), ...] of one (batch, kv-head)
         (pl.squeezed, pl.squeezed, *rest), lambda i, h, j: (i, h) + (0,) * len(rest))

@@ -54,6 +54,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from engine.errors import UserError
+from pallas_kernels.fast_exp2 import LN2, LOG2E, exp2
 from pallas_kernels.kv_packing import QuantizedTensor
 from pallas_kernels.quantized_attention_reference import (
     check_decode_inputs,
@@ -552,13 +553,14 @@ def _kernel(length_ref, q_ref, *refs, cfg: _Config):
         q = _column_planes(q_ref, q_rows, q_ok, cfg.k.planes, cfg.interpret)
     else:
         q = plgpu.load(q_ref.at[q_rows, :], mask=q_ok, other=0)
+    scale = cfg.sm_scale * LOG2E  # scores, maxima and sums in log2 units (fast_exp2.py)
     if _int8_ptx_path(cfg.k, cfg.dequant):  # float16 products: rows scaled into [-1, 1]
-        q = q.astype(jnp.float32) * cfg.sm_scale
+        q = q.astype(jnp.float32) * scale
         norm = jnp.max(jnp.abs(q), axis=1)
         norm = jnp.where(norm > 0, norm, 1.0)
         q = ((q / norm[:, None]).astype(jnp.float16), norm)
     else:
-        q = jax.tree.map(lambda x: _mma_cast(x.astype(jnp.float32) * cfg.sm_scale, cfg), q)
+        q = jax.tree.map(lambda x: _mma_cast(x.astype(jnp.float32) * scale, cfg), q)
     v_planes = cfg.v.planes if _bf16x2_path(cfg.v, cfg.dequant) or cfg.v.words else 1
 
     def body(i, carry):
@@ -568,8 +570,8 @@ def _kernel(length_ref, q_ref, *refs, cfg: _Config):
         s = _scores(q, kc, ks, kz, t0, valid, length, cfg)
         s = jnp.where(valid[None, :], s, -jnp.inf)  # every block run has >= 1 valid slot
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp(m - m_new)
-        p = jnp.exp(s - m_new[:, None])
+        alpha = exp2(m - m_new, cfg.interpret)
+        p = exp2(s - m_new[:, None], cfg.interpret)
         l = l * alpha + jnp.sum(p, axis=1)
         pv = _weighted_values(p, vc, vs, vz, t0, valid, length, cfg)
         acc = jax.tree.map(lambda a, o: a * alpha[:, None] + o, acc, pv)
@@ -591,7 +593,7 @@ def _kernel(length_ref, q_ref, *refs, cfg: _Config):
         width = cfg.head_dim // v_planes
         for j, a in enumerate(acc):
             plgpu.store(acc_ref.at[q_rows, pl.ds(j, width, stride=v_planes)], a, mask=q_ok)
-    plgpu.store(m_ref.at[q_rows], m, mask=row_ok)
+    plgpu.store(m_ref.at[q_rows], m * LN2, mask=row_ok)  # natural-log units for the merge
     plgpu.store(l_ref.at[q_rows], l, mask=row_ok)
 
 
@@ -758,8 +760,8 @@ def quantized_decode_attention(
       interpret: run the Pallas kernel in interpret mode (any backend, e.g. CPU tests).
       **kernel_options: tuning for the GPU kernel: block (slots per loop step), num_splits or
         target_programs (sequence splits), num_warps, num_stages, fast_convert, mma, dequant
-        ("bf16x2": inline-PTX dequantisation of 2-/4-bit codes, the default with bf16
-        products; "f32": jnp float32 arithmetic), pairs (True: per-token 4-bit codes are
+        ("ptx": inline-PTX conversion of the codes, the default with bf16 products; "f32":
+        jnp float32 arithmetic), pairs (True: per-token 4-bit codes are
         read as uint16 byte pairs where the head is wide enough, see `_reads_pairs`). The TPU
         kernel takes block (slots per grid step) only.
     """

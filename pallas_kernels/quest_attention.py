@@ -35,6 +35,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from engine.errors import UserError
+from pallas_kernels.fast_exp2 import LN2, LOG2E, exp2
 from pallas_kernels.split_merge import merge_splits
 from pallas_kernels.quest_reference import quest_decode_attention_reference
 
@@ -53,6 +54,7 @@ class _Config:
     pages_per_split: int  # selected pages per program (a multiple of pages_per_block)
     sm_scale: float
     precise: bool  # float32 operands: exact float32 products (else bf16 MMA)
+    interpret: bool
 
 
 def _dot(a, b, precise, transpose_b=False):
@@ -82,11 +84,11 @@ def _gpu_kernel(length_ref, count_ref, pages_ref, q_ref, k_ref, v_ref, acc_ref, 
         valid = listed & (slot < length)  # every listed page holds >= 1 valid slot
         rows = (slot[:, None], col[None, :])
         k = plgpu.load(k_ref.at[rows], mask=valid[:, None], other=0)
-        s = _dot(q, k.astype(q.dtype), cfg.precise, True) * cfg.sm_scale
-        s = jnp.where(valid[None, :], s, -jnp.inf)
+        s = _dot(q, k.astype(q.dtype), cfg.precise, True) * (cfg.sm_scale * LOG2E)
+        s = jnp.where(valid[None, :], s, -jnp.inf)  # log2 units (fast_exp2.py)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp(m - m_new)
-        p = jnp.exp(s - m_new[:, None])
+        alpha = exp2(m - m_new, cfg.interpret)
+        p = exp2(s - m_new[:, None], cfg.interpret)
         v = plgpu.load(v_ref.at[rows], mask=valid[:, None], other=0)
         acc = acc * alpha[:, None] + _dot(p.astype(q.dtype), v.astype(q.dtype), cfg.precise)
         return m_new, l * alpha + jnp.sum(p, axis=1), acc
@@ -95,7 +97,7 @@ def _gpu_kernel(length_ref, count_ref, pages_ref, q_ref, k_ref, v_ref, acc_ref, 
             jnp.zeros((cfg.rows, cfg.head_dim), jnp.float32))
     m, l, acc = lax.fori_loop(0, n_blocks, body, init)
     plgpu.store(acc_ref.at[pl.ds(0, cfg.rows), :], acc, mask=row_ok[:, None])
-    plgpu.store(m_ref.at[pl.ds(0, cfg.rows)], m, mask=row_ok)
+    plgpu.store(m_ref.at[pl.ds(0, cfg.rows)], m * LN2, mask=row_ok)  # natural log for the merge
     plgpu.store(l_ref.at[pl.ds(0, cfg.rows)], l, mask=row_ok)
 
 
@@ -123,7 +125,7 @@ def _pallas_gpu(q, keys, values, lengths, pages, count, page_size, *, sm_scale, 
                   page_size=page_size, pages_per_block=pages_per_block,
                   pages_per_split=pages_per_split,
                   sm_scale=float(d**-0.5 if sm_scale is None else sm_scale),
-                  precise=q.dtype == jnp.float32)
+                  precise=q.dtype == jnp.float32, interpret=bool(interpret))
     q4 = q.reshape(b, hkv, group, d)
     scalar = pl.BlockSpec((pl.squeezed, pl.squeezed), lambda i, h, s: (i, h))
     part = lambda *tail: jax.ShapeDtypeStruct((b, hkv, n_splits, group, *tail), jnp.float32)
