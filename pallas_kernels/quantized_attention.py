@@ -210,15 +210,16 @@ _BF16X2_ONE = 0x3F803F80
 _BF16X2_MINUS_128 = 0xC300C300
 
 
-def _dequant_ptx(bits: int, plane: int, lanes) -> str:
+def _dequant_ptx(bits: int, lanes) -> str:
     """Inline PTX dequantising one plane of packed codes into bf16x2 registers.
 
-    For each (source, selector, result, scale, zero) in `lanes`: prmt spreads two bytes of
-    `source` into the low bytes of the two bf16 lanes of t, the plane's codes are shifted and
-    masked into the mantissa of 128.0 (lop3), 128 is subtracted exactly and one fma.rn.bf16x2
-    applies scale and zero with a single rounding into `result`: about 5 instructions per 2
-    values instead of the float32 path's extend, shift, mask, subtract, multiply-add and
-    convert per value.
+    For each (source, selector, shift, result, scale, zero) in `lanes`: the plane's codes of
+    the two bf16 lanes are brought to the low bits of each 16-bit half of t (by prmt with
+    `selector`, which spreads two bytes of `source`, unless it is None, and a right shift by
+    `shift`), masked into the mantissa of 128.0 (lop3), 128 is subtracted exactly and one
+    fma.rn.bf16x2 applies scale and zero with a single rounding into `result`: 4 to 5
+    instructions per 2 values instead of the float32 path's extend, shift, mask, subtract,
+    multiply-add and convert per value.
     """
     mask = ((1 << bits) - 1) * 0x00010001
     lines = [
@@ -228,10 +229,13 @@ def _dequant_ptx(bits: int, plane: int, lanes) -> str:
         f"mov.b32 one, {_BF16X2_ONE:#x};",
         f"mov.b32 neg, {_BF16X2_MINUS_128:#x};",
     ]
-    for source, selector, result, scale, zero in lanes:
-        lines.append(f"prmt.b32 t, {source}, 0, {selector:#x};")
-        if plane:
-            lines.append(f"shr.b32 t, t, {bits * plane};")
+    for source, selector, shift, result, scale, zero in lanes:
+        if selector is None:
+            lines.append(f"shr.b32 t, {source}, {shift};" if shift else f"mov.b32 t, {source};")
+        else:
+            lines.append(f"prmt.b32 t, {source}, 0, {selector:#x};")
+            if shift:
+                lines.append(f"shr.b32 t, t, {shift};")
         lines += [
             f"lop3.b32 x, t, {mask:#x}, magic, 0xEA;",  # (t & mask) | magic
             "fma.rn.bf16x2 x, x, one, neg;",
@@ -244,16 +248,19 @@ def _dequant_ptx(bits: int, plane: int, lanes) -> str:
 def _plane_dequant_ptx(bits: int, plane: int) -> str:
     """`_dequant_ptx` on 4 packed bytes (Triton pack=4): $0, $1 the result (2 bf16 each), $2
     the bytes, $3-$4 their scales, $5-$6 their zeros; prmt result bytes [2h, 0, 2h + 1, 0]."""
+    shift = bits * plane
     return _dequant_ptx(
-        bits, plane, [("$2", 0x4140, "$0", "$3", "$5"), ("$2", 0x4342, "$1", "$4", "$6")]
+        bits,
+        [("$2", 0x4140, shift, "$0", "$3", "$5"), ("$2", 0x4342, shift, "$1", "$4", "$6")],
     )
 
 
 def _pair_plane_dequant_ptx(bits: int, byte: int, plane: int) -> str:
     """`_dequant_ptx` on 2 uint16 byte pairs (Triton pack=2): $0 the result (2 bf16), $1 the
-    pairs, $2 their scales, $3 their zeros; prmt takes byte `byte` of each pair."""
-    selector = byte + 0x4040 + (2 + byte) * 0x100  # result bytes [p0.b, 0, p1.b, 0]
-    return _dequant_ptx(bits, plane, [("$1", selector, "$0", "$2", "$3")])
+    pairs, $2 their scales, $3 their zeros. Each pair already fills one bf16 lane, so a shift
+    alone brings plane `plane` of byte `byte` to the low bits of both (no prmt): 3 shifts and
+    4 lop3 for a register's 4 planes of 2 codes, where spreading bytes first took 10 (offline)."""
+    return _dequant_ptx(bits, [("$1", None, 8 * byte + bits * plane, "$0", "$2", "$3")])
 
 
 _F16X2_1152 = 0x64806480  # two float16 1152.0: (0x6400 | u) is 1024 + u exactly for u < 1024
