@@ -20,11 +20,8 @@ them) and the best is shown.
 A Markdown table is printed last; --jsonl writes every measurement.
 
 GPU-side times (no launch gaps): --profile skips the timing and calls each variant and each
-same-size read 3 times, for Nsight Compute:
-
-  ncu --clock-control none --kernel-name regex:"quantized|merge|reduce" \
-      --metrics gpu__time_duration.sum --csv --log-file ncu.csv \
-      python benchmarks/quantized_attention_bench.py --profile --formats int8 int4 --batch 1 16
+same-size read 3 times, for Nsight Compute; benchmarks/ncu_times.py gives the command and turns
+its CSV into a table.
 """
 
 from __future__ import annotations
