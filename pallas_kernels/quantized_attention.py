@@ -33,12 +33,12 @@ TPU: the Mosaic TPU variant lives in quantized_attention_tpu.py (`implementation
 It was checked on a CPU only (TPU interpret mode, Pallas-to-Mosaic lowering), so with
 `implementation=None` the dispatcher does not pick it: on TPU it uses the reference.
 
-Performance (docs/kernels.md): on an H200 (2026-12-03; kernel + split merge under Nsight
-Compute, against XLA's read of the same bytes) the int8 store reads at 70% of that speed at
-batch 16 and 52% at batch 1, the int4 store at 56% and 41%, KIVI int4 at 41% and 36%: the
-4-bit kernels are bound by instruction issue (dequantisation, Triton's operand layouts), and
-at batch 1 the merge adds 5 us to a 12-18 us read. The int4 store on an H100 read at 82% at
-batch 16.
+Performance (docs/kernels.md): on an H200 (2026-12-04; kernel + split merge under Nsight
+Compute, against XLA's read of the same bytes) the int8 store reads at 73% of that speed at
+batch 16 and 54% at batch 1, the int4 store at 62% and 44%, KIVI int4 at 43% and 34% (wall
+clock against the benchmark's floor at batch 16: int8 82%, int4 store 71-79%): the 4-bit
+kernels are bound by instruction issue (dequantisation, Triton's operand layouts), and at
+batch 1 the merge adds 5 us to a 12-17 us read.
 """
 
 from __future__ import annotations
