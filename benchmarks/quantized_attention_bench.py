@@ -12,8 +12,8 @@ time the fastest XLA reduction takes over one buffer of the same size, timed the
 batch 1 launch gaps weigh on both; docs/kernels.md has GPU-side times).
 
 Timing: a jitted chain of N attention calls (fresh q each, ordered by an optimization barrier
-that launches nothing, caches rotating over enough copies to defeat the L2 cache) is run many
-times; the time per call is the slope between
+that launches nothing, caches rotating over enough copies to defeat the L2 cache, the outputs
+returned stacked as one array) is run many times; the time per call is the slope between
 a short and a long chain, which removes the fixed dispatch cost; the median of repeats is kept.
 With --sweep the kernel is also timed under variants of its tuning options (--variants replaces
 them) and the best is shown.
@@ -185,7 +185,9 @@ def time_per_call(fn, caches, queries, length, reps):
             for i in range(n):
                 q = qs[i] if not outs else jax.lax.optimization_barrier((qs[i], outs[-1]))[0]
                 outs.append(fn(q, *cs[i % len(cs)], length)[0])
-            return outs
+            # One stacked output: returning each call's output as its own array cost 3-7 us of
+            # dispatch per call at batch 1 on the H200, which the slope counted (docs/kernels.md).
+            return jnp.stack(outs)
 
         return run
 
