@@ -9,7 +9,7 @@ values; groups of 32, bf16 scales) and batch size it reports the bytes one step 
 (codes + scales + zeros + q), the floor time those bytes take at the device's read bandwidth
 (measured here once with a large reduction), the measured time and its % of the floor, and the
 time the fastest XLA reduction takes over one buffer of the same size, timed the same way (at
-batch 1 launch gaps weigh on both; docs/kernels.md has GPU-side times).
+batch 1 a few us per call of host-side cost weigh on both; docs/kernels.md has GPU-side times).
 
 Timing: a jitted chain of N attention calls (fresh q each, ordered by an optimization barrier
 that launches nothing, caches rotating over enough copies to defeat the L2 cache, the outputs
@@ -96,8 +96,8 @@ def same_size_read(n_bytes, queries, reps):
     """Seconds per call of the fastest of `READS` over one float32 buffer of n_bytes.
 
     Timed like the kernels (`time_per_call`; each reduction also scales by an element of its q,
-    so calls on one buffer stay distinct), launch gaps included: a reference for a call that
-    only reads its bytes once. At tens of MB it lies well above the floor (H100: 42 MB in
+    so calls on one buffer stay distinct), per-call host cost included: a reference for a call
+    that only reads its bytes once. At tens of MB it lies well above the floor (H100: 42 MB in
     20-28 us wall-clock, against 16 us GPU-side under Nsight Compute; docs/kernels.md).
     """
     buffers = [(read_buffer(n_bytes, 0),)]
