@@ -180,10 +180,14 @@ def time_per_call(fn, caches, queries, length, reps):
             # Each call's q depends on the previous output, so XLA cannot merge the calls' matrix
             # products over a shared cache (it does: independent bf16 einsums over one K got merged).
             # The link is an optimization barrier, not arithmetic, so it launches no kernel (the
-            # elementwise link used before cost about 3 us per call; docs/kernels.md).
+            # elementwise link used before cost about 3 us per call; docs/kernels.md). Both of the
+            # barrier's results are used: when only q was, XLA dropped the previous output from
+            # the barrier and batched the bf16 einsums again (H200, 2026-12-04).
             outs = []
             for i in range(n):
-                q = qs[i] if not outs else jax.lax.optimization_barrier((qs[i], outs[-1]))[0]
+                q = qs[i]
+                if outs:
+                    q, outs[-1] = jax.lax.optimization_barrier((q, outs[-1]))
                 outs.append(fn(q, *cs[i % len(cs)], length)[0])
             # One stacked output: returning each call's output as its own array cost 3-7 us of
             # dispatch per call at batch 1 on the H200, which the slope counted (docs/kernels.md).
