@@ -28,7 +28,8 @@ Dense bf16/f32 K/V arrays (an exact segment such as the recent window) take the 
 no dequantisation.
 
 GPU lowering: Pallas Triton (`plgpu.CompilerParams`). JAX 0.11 deprecates that backend in favour
-of Mosaic GPU but still runs it; a Mosaic GPU port is future work (see docs/kernels.md).
+of Mosaic GPU but still runs it; a Mosaic GPU port of the int8 path ran no faster on an H200
+(docs/kernels.md, docs/experiments/mosaic_int8_kernel.patch).
 TPU: the Mosaic TPU variant lives in quantized_attention_tpu.py (`implementation="pallas_tpu"`).
 It was checked on a CPU only (TPU interpret mode, Pallas-to-Mosaic lowering), so with
 `implementation=None` the dispatcher does not pick it: on TPU it uses the reference.
