@@ -134,6 +134,7 @@ class _Config:
     head_dim: int
     block: int  # cache slots per loop step
     split: int  # cache slots per program (a multiple of block)
+    slots: int  # cache slots in all (T): lengths past it are clipped in the kernel
     sm_scale: float
     mma: str  # operand type of the matrix products: "bf16", "tf32" or "f32"
     fast_convert: bool
@@ -551,7 +552,7 @@ def _kernel(length_ref, q_ref, *refs, cfg: _Config):
     vz = refs.pop(0) if cfg.v.has_zero else None
     acc_ref, m_ref, l_ref = refs
 
-    length = length_ref[()]
+    length = jnp.clip(length_ref[()], 0, cfg.slots)  # here, not as one more XLA op per call
     start = pl.program_id(2) * cfg.split
     n_slots = jnp.clip(length - start, 0, cfg.split)
     n_blocks = (n_slots + cfg.block - 1) // cfg.block
@@ -689,6 +690,7 @@ def _pallas_gpu(
         head_dim=d,
         block=block,
         split=split,
+        slots=t,
         sm_scale=float(d**-0.5 if sm_scale is None else sm_scale),
         mma=mma,
         fast_convert=fast_convert,
@@ -713,7 +715,6 @@ def _pallas_gpu(
         return [codes, *params]
 
     operands = arrays(k, cfg.k) + arrays(v, cfg.v)
-    length = jnp.clip(length.astype(jnp.int32), 0, t)
     q4 = q.reshape(b, hkv, gq, d)
 
     part = lambda *tail: jax.ShapeDtypeStruct((b, hkv, n_splits, gq, *tail), jnp.float32)
@@ -730,7 +731,7 @@ def _pallas_gpu(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="quantized_decode_attention",
-    )(length, q4, *operands)
+    )(length.astype(jnp.int32), q4, *operands)
     out, lse = merge_splits(acc, m, l, interpret=interpret)
     return out.reshape(b, hq, d), lse.reshape(b, hq)
 

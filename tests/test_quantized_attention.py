@@ -181,6 +181,19 @@ def test_empty_segment_gives_zero_output_and_minus_inf_lse():
         assert np.all(np.isfinite(np.asarray(lse[1])))
 
 
+def test_lengths_outside_the_cache_are_clipped():
+    """A length past T reads the whole cache (never past it), a negative one nothing: the kernel
+    clips in-kernel exactly as the reference does."""
+    k, v = _random_cache(8, 2, 2, 96, 64, 8, "int8", jnp.bfloat16)
+    q = _query(9, 2, 8, 64, jnp.bfloat16)
+    length = jnp.asarray([96 + 50, -3], jnp.int32)
+    out, lse = _kernel(q, k, v, length, block=32, num_splits=2)
+    _assert_matches_reference(out, lse, q, k, v, length, jnp.bfloat16)
+    full, _ = _kernel(q, k, v, jnp.asarray([96, 0], jnp.int32), block=32, num_splits=2)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(full))
+    assert np.all(np.isneginf(np.asarray(lse[1])))
+
+
 def test_garbage_past_length_is_ignored():
     k, v = _random_cache(7, 1, 2, 128, 64, 4, "kivi", jnp.float32)
     q = _query(8, 1, 4, 64, jnp.float32)
