@@ -134,7 +134,6 @@ class _Config:
     head_dim: int
     block: int  # cache slots per loop step
     split: int  # cache slots per program (a multiple of block)
-    slots: int  # cache slots in all (T): lengths past it are clipped in the kernel
     sm_scale: float
     mma: str  # operand type of the matrix products: "bf16", "tf32" or "f32"
     fast_convert: bool
@@ -552,7 +551,7 @@ def _kernel(length_ref, q_ref, *refs, cfg: _Config):
     vz = refs.pop(0) if cfg.v.has_zero else None
     acc_ref, m_ref, l_ref = refs
 
-    length = jnp.clip(length_ref[()], 0, cfg.slots)  # here, not as one more XLA op per call
+    length = jnp.clip(length_ref[()], 0, kc.shape[0])  # T; here, not as one more XLA op per call
     start = pl.program_id(2) * cfg.split
     n_slots = jnp.clip(length - start, 0, cfg.split)
     n_blocks = (n_slots + cfg.block - 1) // cfg.block
@@ -690,7 +689,6 @@ def _pallas_gpu(
         head_dim=d,
         block=block,
         split=split,
-        slots=t,
         sm_scale=float(d**-0.5 if sm_scale is None else sm_scale),
         mma=mma,
         fast_convert=fast_convert,
