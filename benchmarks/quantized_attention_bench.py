@@ -15,8 +15,10 @@ Timing: a jitted chain of N attention calls (fresh q each, ordered by an optimiz
 that launches nothing, caches rotating over enough copies to defeat the L2 cache, the outputs
 returned stacked as one array) is run many times; the time per call is the slope between
 a short and a long chain, which removes the fixed dispatch cost; the median of repeats is kept.
-With --sweep the kernel is also timed under variants of its tuning options (--variants replaces
-them) and the best is shown.
+The kernel is the one `quantized_decode_attention` picks (on an H200: the Mosaic GPU kernel for
+int8 below 64 (sequence, kv-head) pairs, else the Triton kernel); a variant's "implementation"
+forces one. With --sweep the kernel is also timed under variants of its tuning options
+(--variants replaces them) and the best is shown.
 A Markdown table is printed last; --jsonl writes every measurement.
 
 GPU-side times (no launch gaps): --profile skips the timing and calls each variant and each
@@ -53,7 +55,7 @@ L2_DEFEAT_BYTES = 200e6  # > 4x the H100's 50 MB L2
 SWEEP = {  # kernel options tried with --sweep, per format ({} = the defaults)
     "kivi4": [{}, {"pairs": False}, {"dequant": "f32"}, {"block": 128}],
     "int4": [{}, {"pairs": False}, {"dequant": "f32"}, {"block": 128, "target_programs": 1024}],
-    "int8": [{}, {"block": 128}, {"target_programs": 1024}],
+    "int8": [{}, {"implementation": "pallas_gpu"}, {"implementation": "mosaic_gpu"}],
     "kivi2": [{}, {"dequant": "f32"}, {"block": 128}],
     "bf16": [{}],
 }
@@ -215,9 +217,7 @@ def time_per_call(fn, caches, queries, length, reps):
 def attention_fn(impl, opts):
     if impl == "xla":
         return xla_dense_attention
-    return lambda q, k, v, l: quantized_decode_attention(
-        q, k, v, l, implementation="pallas_gpu", **opts
-    )
+    return lambda q, k, v, l: quantized_decode_attention(q, k, v, l, **opts)
 
 
 def profile_calls(variants, cache, q, length, step_bytes):

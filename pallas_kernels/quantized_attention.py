@@ -28,18 +28,17 @@ Dense bf16/f32 K/V arrays (an exact segment such as the recent window) take the 
 no dequantisation.
 
 GPU lowering: Pallas Triton (`plgpu.CompilerParams`). JAX 0.11 deprecates that backend in favour
-of Mosaic GPU but still runs it; a Mosaic GPU port of the int8 path ran no faster on an H200
-(docs/kernels.md, docs/experiments/mosaic_int8_kernel.patch).
+of Mosaic GPU but still runs it. MaxText int8 on Hopper at narrow batches goes instead to a Pallas
+Mosaic GPU kernel whose scores are an int8 x int8 product (quantized_attention_mosaic.py,
+`implementation="mosaic_gpu"`; the dispatcher picks it, see `_MOSAIC_MAX_HEADS`).
 TPU: the Mosaic TPU variant lives in quantized_attention_tpu.py (`implementation="pallas_tpu"`).
 It was checked on a CPU only (TPU interpret mode, Pallas-to-Mosaic lowering), so with
 `implementation=None` the dispatcher does not pick it: on TPU it uses the reference.
 
-Performance (docs/kernels.md): on an H200 (2026-12-04; kernel + split merge under Nsight
-Compute, against XLA's read of the same bytes) the int8 store reads at 73% of that speed at
-batch 16 and 54% at batch 1, the int4 store at 62% and 44%, KIVI int4 at 43% and 34% (wall
-clock against the benchmark's floor at batch 16: int8 82%, int4 store 71-79%): the 4-bit
-kernels are bound by instruction issue (dequantisation, Triton's operand layouts), and at
-batch 1 the merge adds 5 us to a 12-17 us read.
+Performance (docs/kernels.md, H200, 2026-12-04, wall clock against the benchmark's floor): int8
+at batch 1 reaches 64-76% with the Mosaic GPU kernel (Triton's: 52-63%), at batch 16 87-93%;
+the int4 store 43-45% at batch 1 and 72-79% at batch 16, KIVI int4 less: the 4-bit kernels are
+bound by instruction issue (dequantisation, Triton's operand layouts).
 """
 
 from __future__ import annotations
@@ -62,6 +61,7 @@ from pallas_kernels.quantized_attention_reference import (
     merge_attention_segments,
     quantized_decode_attention_reference,
 )
+from pallas_kernels.quantized_attention_mosaic import mosaic_int8_attention, mosaic_int8_supports
 from pallas_kernels.quantized_attention_tpu import pallas_tpu, pallas_tpu_supports
 from pallas_kernels.split_merge import merge_splits
 
@@ -73,7 +73,13 @@ __all__ = [
     "IMPLEMENTATIONS",
 ]
 
-IMPLEMENTATIONS = ("reference", "pallas_gpu", "pallas_tpu")
+IMPLEMENTATIONS = ("reference", "pallas_gpu", "mosaic_gpu", "pallas_tpu")
+
+# The Mosaic GPU int8 kernel below this many (sequence, kv-head) pairs, Triton's from there on.
+# H200, 2026-12-04, GPU side (JAX profiler): batch 1 (8 pairs) 25.7 us per call against 29.4;
+# batch 16 (128 pairs) 340-348 against 320-323 (wall clock said 307 against 347 in one run;
+# docs/kernels.md). Batches in between were not measured.
+_MOSAIC_MAX_HEADS = 64
 
 # JAX 0.11 warns once per lowering that Pallas Triton is deprecated; we know (module docstring).
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
@@ -737,7 +743,13 @@ def _pallas_gpu(
 def _default_implementation(q, k, v, interpret) -> str:
     if interpret:
         return "pallas_gpu"
-    if jax.default_backend() == "gpu" and pallas_kernel_supports(q, k, v) is None:
+    if jax.default_backend() != "gpu":
+        return "reference"
+    hopper = getattr(jax.devices()[0], "compute_capability", "").startswith("9.")
+    narrow = q.shape[0] * k.shape[1] < _MOSAIC_MAX_HEADS
+    if hopper and narrow and mosaic_int8_supports(q, k, v) is None:
+        return "mosaic_gpu"
+    if pallas_kernel_supports(q, k, v) is None:
         return "pallas_gpu"
     return "reference"
 
@@ -759,18 +771,22 @@ def quantized_decode_attention(
     normalised over the segment; lse [B, Hq] float32, -inf where length == 0), plus:
 
     Args:
-      implementation: "pallas_gpu" (Pallas Triton kernel), "pallas_tpu" (Mosaic TPU kernel,
-        quantized_attention_tpu.py) or "reference" (plain JAX). None picks the GPU kernel on a
-        GPU backend (when `pallas_kernel_supports` the shapes), else the reference: the TPU
-        kernel was checked in TPU interpret mode only (no TPU was available), so it runs only
-        when asked for.
+      implementation: "pallas_gpu" (Pallas Triton kernel), "mosaic_gpu" (Pallas Mosaic GPU
+        kernel for MaxText int8 on Hopper, quantized_attention_mosaic.py), "pallas_tpu" (Mosaic
+        TPU kernel, quantized_attention_tpu.py) or "reference" (plain JAX). None picks, on a GPU
+        backend, the Mosaic GPU kernel for int8 on Hopper below `_MOSAIC_MAX_HEADS` (sequence,
+        kv-head) pairs where it is faster, else the Triton kernel when `pallas_kernel_supports`
+        the shapes, else the reference; on other backends the reference: the TPU kernel was
+        checked in TPU interpret mode only (no TPU was available), so it runs only when asked
+        for.
       interpret: run the Pallas kernel in interpret mode (any backend, e.g. CPU tests).
       **kernel_options: tuning for the GPU kernel: block (slots per loop step), num_splits or
         target_programs (sequence splits), num_warps, num_stages, fast_convert, mma, dequant
         ("ptx": inline-PTX conversion of the codes, the default with bf16 products; "f32":
         jnp float32 arithmetic), pairs (True: per-token 4-bit codes are
         read as uint16 byte pairs where the head is wide enough, see `_reads_pairs`). The TPU
-        kernel takes block (slots per grid step) only.
+        kernel takes block (slots per grid step) only; the Mosaic GPU kernel block,
+        target_programs and stages.
     """
     check_decode_inputs(q, k, v, length)
     impl = implementation or _default_implementation(q, k, v, interpret)
@@ -778,6 +794,12 @@ def quantized_decode_attention(
         return quantized_decode_attention_reference(q, k, v, length, sm_scale=sm_scale)
     if impl not in IMPLEMENTATIONS:
         raise UserError(f"implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    if impl == "mosaic_gpu":
+        if (why := mosaic_int8_supports(q, k, v)) is not None:
+            raise UserError(f"the Mosaic GPU kernel cannot run this input ({why})")
+        return mosaic_int8_attention(
+            q, k, v, length, sm_scale=sm_scale, interpret=interpret, **kernel_options
+        )
     if impl == "pallas_tpu":
         if (why := pallas_tpu_supports(q, k, v)) is not None:
             raise UserError(

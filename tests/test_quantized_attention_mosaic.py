@@ -1,0 +1,109 @@
+"""The Mosaic GPU int8 decode-attention kernel against the plain-JAX reference.
+
+On a Hopper GPU the compiled kernel runs; elsewhere Mosaic GPU's CPU interpreter runs it, which
+exists from JAX 0.11 on (Python >= 3.12): under older JAX (CI's Python 3.11 gets 0.10.2) only the
+input checks run. Inputs are random codes and scales, never zeros.
+"""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from engine.errors import UserError
+from pallas_kernels import kv_packing as kp
+from pallas_kernels.quantized_attention import quantized_decode_attention
+from pallas_kernels.quantized_attention_mosaic import mosaic_int8_supports
+from pallas_kernels.quantized_attention_reference import quantized_decode_attention_reference
+
+ON_HOPPER = jax.default_backend() == "gpu" and getattr(
+    jax.devices()[0], "compute_capability", ""
+).startswith("9.")
+HAS_INTERPRETER = mosaic_int8_supports(
+    jnp.zeros((1, 1, 128), jnp.bfloat16),
+    *[kp.QuantizedTensor.int8(jnp.zeros((1, 1, 1, 128), jnp.int8), jnp.ones((1, 1, 1)))] * 2,
+) is None
+needs_kernel = pytest.mark.skipif(
+    not (ON_HOPPER or HAS_INTERPRETER and jax.default_backend() == "cpu"),
+    reason="needs a Hopper GPU or Mosaic GPU's interpreter (JAX >= 0.11)",
+)
+
+
+def _kernel(q, k, v, length, **options):
+    return quantized_decode_attention(
+        q, k, v, length, implementation="mosaic_gpu", interpret=not ON_HOPPER, **options
+    )
+
+
+def _rel_err(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return np.linalg.norm(x - ref) / np.linalg.norm(ref)
+
+
+def _case(seed, b, hkv, group, t, scale_dtype=jnp.bfloat16):
+    r = np.random.default_rng(seed)
+    codes = lambda: jnp.asarray(r.integers(-127, 128, (b, hkv, t, 128)), jnp.int8)
+    scales = lambda: jnp.asarray(r.uniform(0.002, 0.02, (b, hkv, t)), scale_dtype)
+    k = kp.QuantizedTensor.int8(codes(), scales())
+    v = kp.QuantizedTensor.int8(codes(), scales())
+    q = jnp.asarray(r.normal(size=(b, hkv * group, 128)) * 2.0, jnp.bfloat16)
+    return q, k, v
+
+
+def _assert_matches_reference(out, lse, q, k, v, length):
+    ref_out, ref_lse = quantized_decode_attention_reference(q, k, v, length)
+    assert out.shape == q.shape and lse.shape == q.shape[:2] and out.dtype == jnp.float32
+    assert _rel_err(out, ref_out) < 1e-2
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=1e-2, atol=1e-2)
+
+
+# (batch, kv-heads, query heads per kv-head, slots, lengths, kernel options)
+CASES = [
+    (1, 2, 4, 1000, [1000], dict(block=64, target_programs=8)),  # T not a multiple of the block
+    (3, 1, 8, 320, [300, 77, 1], dict(block=64, target_programs=6, stages=2)),
+    (2, 2, 1, 256, [256, 130], dict(block=128, target_programs=4, stages=2)),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("b,hkv,group,t,lengths,options", CASES)
+def test_kernel_matches_reference(b, hkv, group, t, lengths, options):
+    q, k, v = _case(b * 10 + group, b, hkv, group, t)
+    length = jnp.asarray(lengths, jnp.int32)
+    out, lse = _kernel(q, k, v, length, **options)
+    _assert_matches_reference(out, lse, q, k, v, length)
+
+
+@needs_kernel
+def test_lengths_outside_the_cache_are_clipped_and_empty_is_minus_inf():
+    q, k, v = _case(5, 3, 1, 4, 192, scale_dtype=jnp.float32)
+    length = jnp.asarray([192 + 50, -3, 0], jnp.int32)
+    out, lse = _kernel(q, k, v, length, target_programs=6)
+    full, _ = _kernel(q, k, v, jnp.asarray([192, 0, 0], jnp.int32), target_programs=6)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(full))
+    assert np.all(np.isneginf(np.asarray(lse[1:]))) and not np.any(np.asarray(out[1:]))
+    _assert_matches_reference(out[:1], lse[:1], q[:1], *(jax.tree.map(lambda x: x[:1], (k, v))),
+                              length[:1])
+
+
+@needs_kernel
+def test_garbage_past_length_is_ignored():
+    q, k, v = _case(6, 1, 2, 4, 256)
+    length = jnp.asarray([100], jnp.int32)
+    poison = lambda x: kp.QuantizedTensor.int8(
+        x.codes.at[:, :, 100:].set(127), x.scale[..., 0].at[:, :, 100:].set(jnp.nan)
+    )
+    out, lse = _kernel(q, poison(k), poison(v), length, target_programs=4)
+    _assert_matches_reference(out, lse, q, k, v, length)
+
+
+def test_unsupported_inputs_raise_user_error():
+    q, k, v = _case(7, 1, 1, 4, 64)
+    length = jnp.asarray([64], jnp.int32)
+    with pytest.raises(UserError, match="Mosaic GPU kernel"):
+        _kernel(q.astype(jnp.float32), k, v, length)
+    with pytest.raises(UserError, match="Mosaic GPU kernel"):
+        _kernel(jnp.tile(q, (1, 3, 1)), k, v, length)  # 12 query heads per kv-head
+    with pytest.raises(UserError, match="Mosaic GPU kernel"):
+        _kernel(q, k.codes.astype(jnp.bfloat16), v, length)
