@@ -61,7 +61,11 @@ from pallas_kernels.quantized_attention_reference import (
     merge_attention_segments,
     quantized_decode_attention_reference,
 )
-from pallas_kernels.quantized_attention_mosaic import mosaic_int8_attention, mosaic_int8_supports
+from pallas_kernels.quantized_attention_mosaic import (
+    mosaic_int8_attention,
+    mosaic_int8_supports,
+    on_hopper,
+)
 from pallas_kernels.quantized_attention_tpu import pallas_tpu, pallas_tpu_supports
 from pallas_kernels.split_merge import merge_splits
 
@@ -745,9 +749,8 @@ def _default_implementation(q, k, v, interpret) -> str:
         return "pallas_gpu"
     if jax.default_backend() != "gpu":
         return "reference"
-    hopper = getattr(jax.devices()[0], "compute_capability", "").startswith("9.")
     narrow = q.shape[0] * k.shape[1] < _MOSAIC_MAX_HEADS
-    if hopper and narrow and mosaic_int8_supports(q, k, v) is None:
+    if narrow and on_hopper() and mosaic_int8_supports(q, k, v) is None:
         return "mosaic_gpu"
     if pallas_kernel_supports(q, k, v) is None:
         return "pallas_gpu"

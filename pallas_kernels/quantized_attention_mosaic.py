@@ -42,11 +42,20 @@ from pallas_kernels.split_merge import merge_splits
 
 _COLUMNS = 8  # query heads per kv-head, padded: wgmma's N
 _Q_ROWS = 64  # q is split in a [64, D] register tile (the smallest WGMMA-layout tile)
+# The kernel was written and checked against JAX 0.11's Mosaic GPU, which also brought its CPU
+# interpreter (`InterpretGPUParams`): that attribute tells 0.11 from 0.10.
+JAX_HAS_MOSAIC_INTERPRETER = hasattr(plgpu, "InterpretGPUParams")
+
+
+def on_hopper() -> bool:
+    """True when JAX's first device is a Hopper GPU (compute capability 9.x)."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and getattr(device, "compute_capability", "").startswith("9.")
 
 
 def mosaic_int8_supports(q: jax.Array, k, v) -> str | None:
     """None if the Mosaic GPU int8 kernel handles these inputs, else the reason it does not."""
-    if not hasattr(plgpu, "InterpretGPUParams"):
+    if not JAX_HAS_MOSAIC_INTERPRETER:
         return f"needs JAX >= 0.11 (Mosaic GPU's wgmma and layouts as checked), got {jax.__version__}"
     if not all(isinstance(x, QuantizedTensor) and x.signed for x in (k, v)):
         return "keys and values must be MaxText int8 (QuantizedTensor.int8)"

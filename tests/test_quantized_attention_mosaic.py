@@ -14,18 +14,12 @@ import jax.numpy as jnp
 from engine.errors import UserError
 from pallas_kernels import kv_packing as kp
 from pallas_kernels.quantized_attention import quantized_decode_attention
-from pallas_kernels.quantized_attention_mosaic import mosaic_int8_supports
-from pallas_kernels.quantized_attention_reference import quantized_decode_attention_reference
+from pallas_kernels.quantized_attention_mosaic import JAX_HAS_MOSAIC_INTERPRETER, on_hopper
+from tests.test_quantized_attention import _assert_matches_reference
 
-ON_HOPPER = jax.default_backend() == "gpu" and getattr(
-    jax.devices()[0], "compute_capability", ""
-).startswith("9.")
-HAS_INTERPRETER = mosaic_int8_supports(
-    jnp.zeros((1, 1, 128), jnp.bfloat16),
-    *[kp.QuantizedTensor.int8(jnp.zeros((1, 1, 1, 128), jnp.int8), jnp.ones((1, 1, 1)))] * 2,
-) is None
+ON_HOPPER = on_hopper()
 needs_kernel = pytest.mark.skipif(
-    not (ON_HOPPER or HAS_INTERPRETER and jax.default_backend() == "cpu"),
+    not (ON_HOPPER or JAX_HAS_MOSAIC_INTERPRETER and jax.default_backend() == "cpu"),
     reason="needs a Hopper GPU or Mosaic GPU's interpreter (JAX >= 0.11)",
 )
 
@@ -36,11 +30,6 @@ def _kernel(q, k, v, length, **options):
     )
 
 
-def _rel_err(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return np.linalg.norm(x - ref) / np.linalg.norm(ref)
-
-
 def _case(seed, b, hkv, group, t, scale_dtype=jnp.bfloat16):
     r = np.random.default_rng(seed)
     codes = lambda: jnp.asarray(r.integers(-127, 128, (b, hkv, t, 128)), jnp.int8)
@@ -49,13 +38,6 @@ def _case(seed, b, hkv, group, t, scale_dtype=jnp.bfloat16):
     v = kp.QuantizedTensor.int8(codes(), scales())
     q = jnp.asarray(r.normal(size=(b, hkv * group, 128)) * 2.0, jnp.bfloat16)
     return q, k, v
-
-
-def _assert_matches_reference(out, lse, q, k, v, length):
-    ref_out, ref_lse = quantized_decode_attention_reference(q, k, v, length)
-    assert out.shape == q.shape and lse.shape == q.shape[:2] and out.dtype == jnp.float32
-    assert _rel_err(out, ref_out) < 1e-2
-    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=1e-2, atol=1e-2)
 
 
 # (batch, kv-heads, query heads per kv-head, slots, lengths, kernel options)
@@ -72,7 +54,7 @@ def test_kernel_matches_reference(b, hkv, group, t, lengths, options):
     q, k, v = _case(b * 10 + group, b, hkv, group, t)
     length = jnp.asarray(lengths, jnp.int32)
     out, lse = _kernel(q, k, v, length, **options)
-    _assert_matches_reference(out, lse, q, k, v, length)
+    _assert_matches_reference(out, lse, q, k, v, length, jnp.bfloat16)
 
 
 @needs_kernel
@@ -84,7 +66,7 @@ def test_lengths_outside_the_cache_are_clipped_and_empty_is_minus_inf():
     np.testing.assert_array_equal(np.asarray(out), np.asarray(full))
     assert np.all(np.isneginf(np.asarray(lse[1:]))) and not np.any(np.asarray(out[1:]))
     _assert_matches_reference(out[:1], lse[:1], q[:1], *(jax.tree.map(lambda x: x[:1], (k, v))),
-                              length[:1])
+                              length[:1], jnp.bfloat16)
 
 
 @needs_kernel
@@ -95,7 +77,7 @@ def test_garbage_past_length_is_ignored():
         x.codes.at[:, :, 100:].set(127), x.scale[..., 0].at[:, :, 100:].set(jnp.nan)
     )
     out, lse = _kernel(q, poison(k), poison(v), length, target_programs=4)
-    _assert_matches_reference(out, lse, q, k, v, length)
+    _assert_matches_reference(out, lse, q, k, v, length, jnp.bfloat16)
 
 
 def test_unsupported_inputs_raise_user_error():
