@@ -28,15 +28,17 @@ Dense bf16/f32 K/V arrays (an exact segment such as the recent window) take the 
 no dequantisation.
 
 GPU lowering: Pallas Triton (`plgpu.CompilerParams`). JAX 0.11 deprecates that backend in favour
-of Mosaic GPU but still runs it. MaxText int8 on Hopper at narrow batches goes instead to a Pallas
-Mosaic GPU kernel whose scores are an int8 x int8 product (quantized_attention_mosaic.py,
-`implementation="mosaic_gpu"`; the dispatcher picks it, see `_MOSAIC_MAX_HEADS`).
+of Mosaic GPU but still runs it. MaxText int8 on Hopper goes instead to a Pallas Mosaic
+GPU kernel whose scores are an int8 x int8 product (quantized_attention_mosaic.py,
+`implementation="mosaic_gpu"`): on an H200 it beat the Triton kernel GPU side at batch 1, 2, 4,
+8 and 16 (docs/kernels.md, "H200 run (2026-12-05)").
 TPU: the Mosaic TPU variant lives in quantized_attention_tpu.py (`implementation="pallas_tpu"`).
 It was checked on a CPU only (TPU interpret mode, Pallas-to-Mosaic lowering), so with
 `implementation=None` the dispatcher does not pick it: on TPU it uses the reference.
 
-Performance (docs/kernels.md, H200, 2026-12-04, wall clock against the benchmark's floor): int8
-at batch 1 reaches 64-76% with the Mosaic GPU kernel (Triton's: 52-63%), at batch 16 87-93%;
+Performance (docs/kernels.md, H200, 2026-12-04/05, wall clock against the benchmark's floor): int8
+at batch 1 reaches 64-76% with the Mosaic GPU kernel (Triton's: 52-63%), at batch 16 98%
+(Triton's: 87-93%);
 the int4 store 43-45% at batch 1 and 72-79% at batch 16, KIVI int4 less: the 4-bit kernels are
 bound by instruction issue (dequantisation, Triton's operand layouts).
 """
@@ -78,12 +80,6 @@ __all__ = [
 ]
 
 IMPLEMENTATIONS = ("reference", "pallas_gpu", "mosaic_gpu", "pallas_tpu")
-
-# The Mosaic GPU int8 kernel below this many (sequence, kv-head) pairs, Triton's from there on.
-# H200, 2026-12-04, GPU side (JAX profiler): batch 1 (8 pairs) 25.7 us per call against 29.4;
-# batch 16 (128 pairs) 340-348 against 320-323 (wall clock said 307 against 347 in one run;
-# docs/kernels.md). Batches in between were not measured.
-_MOSAIC_MAX_HEADS = 64
 
 # JAX 0.11 warns once per lowering that Pallas Triton is deprecated; we know (module docstring).
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
@@ -749,8 +745,7 @@ def _default_implementation(q, k, v, interpret) -> str:
         return "pallas_gpu"
     if jax.default_backend() != "gpu":
         return "reference"
-    narrow = q.shape[0] * k.shape[1] < _MOSAIC_MAX_HEADS
-    if narrow and on_hopper() and mosaic_int8_supports(q, k, v) is None:
+    if on_hopper() and mosaic_int8_supports(q, k, v) is None:
         return "mosaic_gpu"
     if pallas_kernel_supports(q, k, v) is None:
         return "pallas_gpu"
@@ -777,8 +772,8 @@ def quantized_decode_attention(
       implementation: "pallas_gpu" (Pallas Triton kernel), "mosaic_gpu" (Pallas Mosaic GPU
         kernel for MaxText int8 on Hopper, quantized_attention_mosaic.py), "pallas_tpu" (Mosaic
         TPU kernel, quantized_attention_tpu.py) or "reference" (plain JAX). None picks, on a GPU
-        backend, the Mosaic GPU kernel for int8 on Hopper below `_MOSAIC_MAX_HEADS` (sequence,
-        kv-head) pairs where it is faster, else the Triton kernel when `pallas_kernel_supports`
+        backend, the Mosaic GPU kernel for int8 on Hopper (`mosaic_int8_supports`), else the
+        Triton kernel when `pallas_kernel_supports`
         the shapes, else the reference; on other backends the reference: the TPU kernel was
         checked in TPU interpret mode only (no TPU was available), so it runs only when asked
         for.

@@ -23,7 +23,7 @@ warpgroup matrix products (wgmma) so that a batch-1 step reads its bytes near th
 
 The query heads of a kv-head (at most 8) are the 8 columns of S^T: GQA is one pass over the
 kv-head's bytes. Measured against the Triton kernel in docs/kernels.md ("H200 run (2026-12-04,
-night)"); `quantized_attention.py` picks it for narrow batches on Hopper.
+night)"); `quantized_attention.py` picks it on Hopper.
 """
 
 from __future__ import annotations
