@@ -16,7 +16,7 @@ that launches nothing, caches rotating over enough copies to defeat the L2 cache
 returned stacked as one array) is run many times; the time per call is the slope between
 a short and a long chain, which removes the fixed dispatch cost; the median of repeats is kept.
 The kernel is the one `quantized_decode_attention` picks (on an H200: the Mosaic GPU kernel for
-int8 below 64 (sequence, kv-head) pairs, else the Triton kernel); a variant's "implementation"
+int8, the Triton kernel for the other formats); a variant's "implementation"
 forces one. With --sweep the kernel is also timed under variants of its tuning options
 (--variants replaces them) and the best is shown.
 A Markdown table is printed last; --jsonl writes every measurement.
