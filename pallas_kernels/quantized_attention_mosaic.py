@@ -115,7 +115,7 @@ def mosaic_int8_attention(
             plgpu.copy_gmem_to_smem(q_ref.at[row], qf_smem.at[pl.ds(n, g)], q_bar)
             start_copies()
             plgpu.barrier_wait(q_bar)
-            x = plgpu.load(qf_smem, (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+            x = plgpu.load(qf_smem, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
             r = plgpu.broadcasted_iota(jnp.int32, x.shape, 0, layout=plgpu.Layout.WGMMA)
             x = jnp.where((r < g) | ((r >= n) & (r < n + g)), x, 0.0)  # the rest is not q
             amax = jnp.max(jnp.abs(x), axis=1)
@@ -152,7 +152,7 @@ def mosaic_int8_attention(
                 pl.when(i < n_steps)(functools.partial(fetch, i, i))
 
         split_q(q_ref, row, q8_smem, qs_smem, q_bar, start_copies)
-        q_hi_scale = plgpu.load(qs_smem.at[pl.ds(0, n)], (), layout=wgmma_cols) * scale
+        q_hi_scale = plgpu.load(qs_smem.at[pl.ds(0, n)], layout=wgmma_cols) * scale
         q_lo_scale = q_hi_scale * (1.0 / 254)
         per_slot = lambda x: lax.broadcast_in_dim(x, (block, n), [0])
         per_column = lambda x, shape: lax.broadcast_in_dim(x, shape, [1])
@@ -176,8 +176,8 @@ def mosaic_int8_attention(
                 plgpu.ACC((block, n), jnp.int32),
                 plgpu.ACC((block, n), jnp.int32),
             )
-            k_scale = plgpu.load(ks_smem.at[slot], (), layout=wgmma_rows).astype(jnp.float32)
-            v_scale = plgpu.load(vs_smem.at[slot], (), layout=wgmma_rows).astype(jnp.float32)
+            k_scale = plgpu.load(ks_smem.at[slot], layout=wgmma_rows).astype(jnp.float32)
+            v_scale = plgpu.load(vs_smem.at[slot], layout=wgmma_rows).astype(jnp.float32)
             slot_ids = plgpu.broadcasted_iota(jnp.int32, (block, n), 0, layout=plgpu.Layout.WGMMA)
             valid = start + i * block + slot_ids < length
             s = jnp.where(valid, s * per_slot(k_scale), -jnp.inf)
@@ -186,7 +186,7 @@ def mosaic_int8_attention(
             p = jnp.exp2(s - per_column(m_new, s.shape))
             l_cols = l_cols * per_column(alpha, s.shape) + p  # summed over slots at the end
             p = jnp.where(valid, p * per_slot(v_scale), 0.0)
-            vb[...] = plgpu.load(v8.at[slot], (), layout=plgpu.Layout.WGMMA).astype(jnp.bfloat16)
+            vb[...] = plgpu.load(v8.at[slot], layout=plgpu.Layout.WGMMA).astype(jnp.bfloat16)
             pt.T[...] = p.astype(jnp.bfloat16)
             plgpu.commit_smem()  # also: every thread is done reading this slot
             pl.when(i + stages < n_steps)(lambda: fetch(i + stages, slot))
