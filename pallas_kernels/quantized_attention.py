@@ -773,10 +773,9 @@ def quantized_decode_attention(
         kernel for MaxText int8 on Hopper, quantized_attention_mosaic.py), "pallas_tpu" (Mosaic
         TPU kernel, quantized_attention_tpu.py) or "reference" (plain JAX). None picks, on a GPU
         backend, the Mosaic GPU kernel for int8 on Hopper (`mosaic_int8_supports`), else the
-        Triton kernel when `pallas_kernel_supports`
-        the shapes, else the reference; on other backends the reference: the TPU kernel was
-        checked in TPU interpret mode only (no TPU was available), so it runs only when asked
-        for.
+        Triton kernel when `pallas_kernel_supports` the shapes, else the reference; on other
+        backends the reference: the TPU kernel was checked in TPU interpret mode only (no TPU
+        was available), so it runs only when asked for.
       interpret: run the Pallas kernel in interpret mode (any backend, e.g. CPU tests).
       **kernel_options: tuning for the GPU kernel: block (slots per loop step), num_splits or
         target_programs (sequence splits), num_warps, num_stages, fast_convert, mma, dequant
