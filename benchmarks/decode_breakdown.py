@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from engine.generation import DecodeState, decode_loop, decode_step
-from engine.kv_state import DenseKVCache, KVState
+from models.kv_cache import DenseKVCache, KVState
 from engine.sampling import Sampling
 from models.config import PRESETS
 from models.params import init_random_params

@@ -23,7 +23,7 @@ from compression.select import round_up
 from engine import cli
 from engine.generation import (Compiler, compress_contexts, decode, feed_questions,
                                generated_tokens, pad_prompts, prefill)
-from engine.kv_state import KVState
+from models.kv_cache import KVState
 from engine.sampling import Sampling
 from engine.tasks import make_samples, string_match_all
 from engine.teacher_forcing import continuation_log_probs, copy_state

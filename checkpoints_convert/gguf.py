@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 
 _MAGIC = b"GGUF"
 _SUPPORTED_VERSIONS = (2, 3)

@@ -15,8 +15,8 @@ from checkpoints_convert.gguf import read_gguf
 from checkpoints_convert.orbax_store import restore_tree
 from checkpoints_convert.safetensors_files import read_hf_checkpoint
 from checkpoints_convert.to_params import params_from_gguf, params_from_hf
-from engine.errors import UserError
-from engine.tokenizer import Tokenizer, tokenizer_from_gguf_metadata, tokenizer_from_hf_dir
+from pallas_kernels.errors import UserError
+from models.tokenizer import Tokenizer, tokenizer_from_gguf_metadata, tokenizer_from_hf_dir
 from models.config import ModelConfig, RopeScaling, config_from_gguf, config_from_hf
 from models.params import LayerParams, ModelParams, layer_shapes
 

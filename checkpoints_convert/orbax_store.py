@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 
 
 def save_tree(directory: str | os.PathLike, pytree: Any) -> None:

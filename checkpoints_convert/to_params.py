@@ -10,7 +10,7 @@ from typing import Callable
 import jax.numpy as jnp
 import numpy as np
 
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 from models.config import ModelConfig
 from models.params import LayerParams, ModelParams
 

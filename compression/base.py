@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from compression.observations import LayerObservations, Needs
-from engine.errors import UserError
-from engine.kv_state import DenseKVCache
+from pallas_kernels.errors import UserError
+from models.kv_cache import DenseKVCache
 from models.config import ModelConfig
 
 # Score of a token a method always keeps (sinks, the observation window): above any real score,
@@ -82,7 +82,7 @@ class Store:
     """How the kept context is stored and read: e.g. quantized (KIVI, int8) or paged with
     per-page metadata for sparse reads (Quest). `convert` turns one layer's `SegmentedCache`
     (compressed context + empty recent segment) into the store's own cache kind, which must
-    implement `append`, `attend` and `nbytes` like the caches in `engine.kv_state`."""
+    implement `append`, `attend` and `nbytes` like the caches in `models.kv_cache`."""
 
     uses_budget = False  # True: the budget is the store's own (Quest's tokens read per step)
 

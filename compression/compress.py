@@ -16,8 +16,8 @@ import numpy as np
 from compression.base import Budget, Method, Store
 from compression.decode_eviction import DecodeEviction, EvictingKVCache
 from compression.select import capacity_for, keep_per_head, keep_per_layer
-from engine.errors import UserError
-from engine.kv_state import DenseKVCache, KVState, SegmentedCache
+from pallas_kernels.errors import UserError
+from models.kv_cache import DenseKVCache, KVState, SegmentedCache
 from models.config import ModelConfig
 
 

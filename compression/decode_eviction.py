@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from compression.base import Method
-from engine.kv_state import DenseKVCache, group_queries
+from models.kv_cache import DenseKVCache, group_queries
 
 
 @dataclasses.dataclass(frozen=True)

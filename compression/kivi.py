@@ -20,7 +20,7 @@ Deviations:
 import dataclasses
 
 from compression.quantized_cache import QuantizedStore
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 from pallas_kernels.kv_packing import quantize_per_channel, quantize_per_token
 
 

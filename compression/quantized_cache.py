@@ -36,9 +36,9 @@ import jax.numpy as jnp
 
 from compression.base import Budget, Method, Store
 from compression.select import round_up
-from engine.attention import merge, segment_attention
-from engine.errors import UserError
-from engine.kv_state import EMPTY_POSITION, DenseKVCache, SegmentedCache, group_queries
+from models.attention import merge, segment_attention
+from pallas_kernels.errors import UserError
+from models.kv_cache import EMPTY_POSITION, DenseKVCache, SegmentedCache, group_queries
 from models.config import ModelConfig
 from pallas_kernels.kv_packing import QuantizedTensor, dequantize, unpack_codes
 from pallas_kernels.quantized_attention import quantized_decode_attention

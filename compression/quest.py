@@ -39,8 +39,8 @@ import jax.numpy as jnp
 
 from compression.base import Budget, KeepAll, Method, Store
 from compression.select import round_up
-from engine.errors import UserError
-from engine.kv_state import DenseKVCache, SegmentedCache, group_queries
+from pallas_kernels.errors import UserError
+from models.kv_cache import DenseKVCache, SegmentedCache, group_queries
 from models.config import ModelConfig
 from pallas_kernels.quest_attention import quest_decode_attention
 from pallas_kernels.quest_reference import page_metadata

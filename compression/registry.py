@@ -23,7 +23,7 @@ from compression.random import Random
 from compression.snapkv import SnapKV
 from compression.streamingllm import StreamingLLM
 from compression.tova import TOVA
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 
 SCORERS: dict[str, type[Method]] = {
     "streamingllm": StreamingLLM,

@@ -8,7 +8,7 @@ order, which attention cannot tell apart.
 import jax
 import jax.numpy as jnp
 
-from engine.kv_state import EMPTY_POSITION, DenseKVCache, FlatKVCache
+from models.kv_cache import EMPTY_POSITION, DenseKVCache, FlatKVCache
 
 BLOCK = 16  # capacities are rounded up to this many slots, so few shapes get compiled
 WIDE_BLOCK = 256  # and from WIDE_FROM slots up to this many (see `capacity_for`)

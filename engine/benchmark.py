@@ -29,7 +29,7 @@ from compression.base import Budget
 from compression.registry import make_compression
 from compression.select import round_up
 from engine import cli
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 from engine.generation import bucket, generate
 from engine.memory import MemoryModel, sequence_state_bytes
 from models.config import PRESETS

@@ -7,7 +7,7 @@ from typing import Callable
 
 from absl import app, logging
 
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 
 
 def main(run: Callable[[], None]) -> None:

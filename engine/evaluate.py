@@ -28,7 +28,7 @@ from compression.observations import Needs
 from compression.registry import NAMES, make_compression, parse
 from compression.select import round_up
 from engine import cli
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 from engine.generation import (Compiler, compress_contexts, decode, feed_questions,
                                empty_kv_state, generated_tokens, new_observations, pad_prompts,
                                prefill)

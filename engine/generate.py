@@ -20,7 +20,7 @@ from compression.base import Budget
 from compression.compress import Compression
 from compression.registry import NAMES, make_compression, parse
 from engine import cli
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 from engine.generation import generate
 from engine.sampling import Sampling
 

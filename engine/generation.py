@@ -21,8 +21,8 @@ import numpy as np
 from compression.compress import Compression, Plan, compress, context_bytes
 from compression.select import capacity_for, round_up
 from compression.observations import LayerObservations
-from engine.errors import UserError
-from engine.kv_state import KVState
+from pallas_kernels.errors import UserError
+from models.kv_cache import KVState
 from engine.sampling import Sampling, sample
 from models import llama
 from models.config import ModelConfig

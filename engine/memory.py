@@ -12,7 +12,7 @@ import dataclasses
 import jax
 
 from compression.compress import Compression, compress
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 from engine.generation import (compress_arguments, empty_kv_state, new_observations,
                                prefill_capacity)
 from models.config import ModelConfig

@@ -6,7 +6,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

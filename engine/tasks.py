@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 PROSE = ("The history of the region is long and complicated, and many people have written about "

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine.generation import pad_prompts
-from engine.kv_state import KVState
+from models.kv_cache import KVState
 from models import llama
 
 

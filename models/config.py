@@ -7,7 +7,7 @@ The config is hashable so jitted functions take it as a static argument.
 import dataclasses
 from typing import Any
 
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

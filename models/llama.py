@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from compression.observations import seen_column_sums
-from engine.attention import causal_self_attention
-from engine.kv_state import KVState, group_queries
+from models.attention import causal_self_attention
+from models.kv_cache import KVState, group_queries
 from models.config import ModelConfig
 from models.params import LayerParams, ModelParams
 from models.rope import apply_rope

@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 from pallas_kernels.fast_exp2 import LOG2E, exp2
 from pallas_kernels.column_sums_reference import (
     attention_column_sums_reference,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 
 
 def check_column_sum_inputs(q, k, lse, lengths):

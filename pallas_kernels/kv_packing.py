@@ -24,7 +24,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 
 GRANULARITIES = ("per_channel", "per_token")
 

@@ -55,7 +55,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 from pallas_kernels.fast_exp2 import LN2, LOG2E, exp2
 from pallas_kernels.kv_packing import QuantizedTensor
 from pallas_kernels.quantized_attention_reference import (

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 from pallas_kernels.kv_packing import QuantizedTensor, dequantize
 
 _HIGHEST = jax.lax.Precision.HIGHEST

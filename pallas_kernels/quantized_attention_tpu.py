@@ -37,7 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 from pallas_kernels.kv_packing import QuantizedTensor
 
 

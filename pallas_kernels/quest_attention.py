@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 from pallas_kernels.fast_exp2 import LN2, LOG2E, exp2
 from pallas_kernels.split_merge import merge_splits
 from pallas_kernels.quest_reference import quest_decode_attention_reference

@@ -31,7 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

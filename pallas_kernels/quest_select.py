@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 from pallas_kernels.quest_reference import (page_scores_reference, pages_in_use,
                                             select_pages_reference)
 

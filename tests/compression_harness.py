@@ -14,7 +14,7 @@ import numpy as np
 
 from compression.compress import Compression, Plan, compress
 from compression.observations import LayerObservations
-from engine.kv_state import DenseKVCache, FlatKVCache, KVState
+from models.kv_cache import DenseKVCache, FlatKVCache, KVState
 from models.config import ModelConfig
 from models.llama import attend
 from models.rope import apply_rope

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from checkpoints_convert.__main__ import convert
+from engine.convert import convert
 from checkpoints_convert.load import default_checkpoint_path, load_checkpoint
 from checkpoints_convert.gguf import read_gguf
-from engine.tokenizer import tokenizer_from_gguf_metadata
+from models.tokenizer import tokenizer_from_gguf_metadata
 from tests.hf_reference import hf_logits, tiny_hf_model
 from tests.test_model_parity import assert_logits_close, our_logits
 

@@ -8,8 +8,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from engine.attention import causal_self_attention
-from engine.errors import UserError
+from models.attention import causal_self_attention
+from pallas_kernels.errors import UserError
 from pallas_kernels.column_sums import attention_column_sums
 from pallas_kernels.column_sums_reference import attention_column_sums_reference
 

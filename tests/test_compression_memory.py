@@ -17,7 +17,7 @@ from compression.select import BLOCK, round_up
 from compression.snapkv import SnapKV
 from engine.generation import generate, pad_prompts
 from engine.memory import sequence_state_bytes
-from engine.kv_state import FlatKVCache
+from models.kv_cache import FlatKVCache
 from tests.compression_harness import (RECENT_SLOTS, engine_kept_positions, random_context,
                                        tiny_config)
 from tests.hf_reference import converted, tiny_hf_model

@@ -15,7 +15,7 @@ from compression.h2o import H2O
 from compression.streamingllm import StreamingLLM
 from compression.tova import TOVA
 from engine.generation import generate
-from engine.kv_state import DenseKVCache
+from models.kv_cache import DenseKVCache
 from tests.hf_reference import converted, tiny_hf_model
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"

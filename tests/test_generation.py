@@ -12,7 +12,7 @@ from compression.base import Budget
 from compression.compress import Compression
 from compression.snapkv import SnapKV
 from engine.generation import extend, generate
-from engine.kv_state import KVState
+from models.kv_cache import KVState
 from engine.sampling import Sampling, sample
 from models import llama
 from tests.hf_reference import converted, tiny_hf_model

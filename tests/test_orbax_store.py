@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from checkpoints_convert.orbax_store import restore_tree, save_tree
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 
 
 @jax.tree_util.register_dataclass

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import export
 
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 from pallas_kernels import kv_packing as kp
 from pallas_kernels.quantized_attention import quantized_decode_attention
 from pallas_kernels.quantized_attention_reference import (

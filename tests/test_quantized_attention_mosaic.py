@@ -11,7 +11,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 from pallas_kernels import kv_packing as kp
 from pallas_kernels.quantized_attention import quantized_decode_attention
 from pallas_kernels.quantized_attention_mosaic import JAX_HAS_MOSAIC_INTERPRETER, on_hopper

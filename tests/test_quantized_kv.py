@@ -21,7 +21,7 @@ from compression.pyramidkv import PyramidKV
 from compression.quantized_cache import QuantizedKVCache
 from compression.registry import make_compression
 from engine.generation import Compiler, compress_contexts, generate, new_observations, prefill
-from engine.kv_state import DenseKVCache, KVState
+from models.kv_cache import DenseKVCache, KVState
 from pallas_kernels import kv_packing as kp
 from tests.hf_reference import converted, tiny_hf_model
 from tests.test_cli import assert_one_line_error, run_cli

@@ -17,9 +17,9 @@ from compression.base import Budget, KeepAll
 from compression.compress import Compression
 from compression.quest import Quest, QuestCache
 from compression.registry import make_compression
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 from engine.generation import generate
-from engine.kv_state import DenseKVCache, SegmentedCache
+from models.kv_cache import DenseKVCache, SegmentedCache
 from pallas_kernels.quest_attention import quest_decode_attention
 from pallas_kernels.quest_reference import page_metadata, quest_decode_attention_reference
 from pallas_kernels.quest_select import quest_select, quest_select_with_scores

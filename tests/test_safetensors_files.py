@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 
 from checkpoints_convert.safetensors_files import read_hf_checkpoint
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 
 CONFIG = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 2}
 

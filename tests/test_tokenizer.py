@@ -1,4 +1,4 @@
-"""engine.tokenizer against the references: HF transformers for GGUF and tokenizer.json, sentencepiece itself."""
+"""models.tokenizer against the references: HF transformers for GGUF and tokenizer.json, sentencepiece itself."""
 
 import importlib.util
 import os
@@ -7,8 +7,8 @@ import random
 import pytest
 
 from checkpoints_convert.gguf import read_gguf
-from engine.errors import UserError
-from engine.tokenizer import tokenizer_from_gguf_metadata, tokenizer_from_hf_dir
+from pallas_kernels.errors import UserError
+from models.tokenizer import tokenizer_from_gguf_metadata, tokenizer_from_hf_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers is the reference here and must not reach the network
 

@@ -16,7 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from engine.attention import merge, segment_attention
+from models.attention import merge, segment_attention
 
 EMPTY_POSITION = -1
 
@@ -74,7 +74,7 @@ class DenseKVCache:
 
     def partial(self, grouped_queries, query_positions, sliding_window: int | None = None):
         """Attention of grouped queries [batch, tokens, kv_heads, group, head_dim] over this cache:
-        (normalised output, log-sum-exp, probabilities), see `engine.attention`."""
+        (normalised output, log-sum-exp, probabilities), see `models.attention`."""
         mask = self.visibility(query_positions, sliding_window)
         return segment_attention(grouped_queries, self.keys, self.values, mask)
 

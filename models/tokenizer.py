@@ -24,7 +24,7 @@ import jinja2.sandbox
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6  # token types, same in GGUF and sentencepiece
 

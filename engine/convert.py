@@ -1,7 +1,7 @@
 """Command line: convert a GGUF file or a HF checkpoint folder into an orbax checkpoint that
 `--checkpoint` loads directly (parameters already in the engine's layout, dequantized).
 
-    python -m checkpoints_convert --source model.gguf --output converted/ --dtype bfloat16
+    python -m engine.convert --source model.gguf --output converted/ --dtype bfloat16
 
 The output folder holds `engine_config.json` (the model config), `params/` (orbax) and the
 tokenizer (tokenizer.json, tokenizer_config.json, generation_config.json).
@@ -16,7 +16,7 @@ from checkpoints_convert.load import (ORBAX_CONFIG, ORBAX_PARAMS, config_to_json
                                       load_checkpoint)
 from checkpoints_convert.orbax_store import save_tree
 from engine import cli
-from engine.errors import UserError
+from pallas_kernels.errors import UserError
 
 _SOURCE = flags.DEFINE_string("source", None, "GGUF file or HF folder (default: SmolLM2).")
 _OUTPUT = flags.DEFINE_string("output", None, "Folder to create.")
