@@ -13,16 +13,16 @@ method, so `adakv:pyramidkv` allocates pyramid budgets across layers and Ada-KV'
 
 import dataclasses
 
-from compression.base import Budget, Method
+from compression.base import Budget, Capabilities, Scorer
 from compression.observations import Needs
 from compression.snapkv import SnapKV
 
 
 @dataclasses.dataclass(frozen=True)
-class AdaKV(Method):
-    scorer: Method = SnapKV()
+class AdaKV(Scorer):
+    scorer: Scorer = SnapKV()
     alpha_safeguard: float = 0.2
-    head_wise = True
+    capabilities = Capabilities(head_wise=True)
 
     def needs(self) -> Needs:
         return self.scorer.needs()
@@ -33,5 +33,6 @@ class AdaKV(Method):
     def layer_budgets(self, budget: Budget, n: int, num_layers: int) -> list[int]:
         return self.scorer.layer_budgets(budget, n, num_layers)
 
-    def safeguard(self, n_kept: int) -> int:
+    def floor(self, n_kept: int) -> int:
+        """The safeguard: each head keeps at least alpha of the layer's mean budget per head."""
         return max(1, int(n_kept * self.alpha_safeguard)) if self.alpha_safeguard > 0 else 0

@@ -1,11 +1,19 @@
-"""The compression protocol.
+"""The compressor protocol: every compression method is one `Compressor`.
 
-A method is a small frozen dataclass (hashable, so jitted code takes it as a static argument) that
-says what it needs to observe during the context's prefill (`needs`), how it scores each cached
-token once the context is in (`score`, higher keeps) and how many tokens each layer keeps
-(`layer_budgets`). The framework (`compression.compress`) does the rest: masking padding, the
-top-k, and building caches that really are smaller. Methods that act at each decode step or inside
-attention extend this with their own cache kinds.
+A compressor maps a KV state to a KV state (kvpress's `BasePress.compress`). It receives the
+state as the context's prefill left it (every layer a `DenseKVCache` holding the whole context),
+or as an earlier compressor left it in a chain; what it observed during the prefill (`needs`,
+gathered by `compression.observations.ObservingCache`); its own parameters (a pytree, traced
+through jit, `None` for training-free methods); and `Budgets`, the per-batch budgets worked out
+on the host. It returns the state with each layer's cache rebuilt: smaller, quantized, paged,
+or wrapped in a cache that acts at every decode step. The whole state passes through
+`compress`, so a method may read neighbouring layers (cross-layer merging) or the tokens it
+discards (merging methods) before it drops them; `capabilities` declares what it does, and
+nothing probes for methods.
+
+`Scorer` is the common specialisation (kvpress's `ScorerPress`): score each cached token, keep
+each stream's budget of the best. `Store` converts the kept context into another cache kind
+(quantized, paged). `Chain(first, then)` is the one way to compose (`snapkv+kivi2`).
 
 Budgets follow kvpress: `compression_ratio` r is the fraction of the context removed and each
 (layer, kv-head) keeps `max(1, int(n * (1 - r)))` of n context tokens; `kv_budget` N keeps
@@ -18,9 +26,10 @@ import jax
 import jax.numpy as jnp
 
 from compression.observations import LayerObservations, Needs
-from pallas_kernels.errors import UserError
-from models.kv_cache import DenseKVCache
+from compression.select import keep_best
 from models.config import ModelConfig
+from models.kv_cache import DenseKVCache, KVState
+from pallas_kernels.errors import UserError
 
 # Score of a token a method always keeps (sinks, the observation window): above any real score,
 # finite so that AdaKV's safeguard (+inf) still ranks above it, as in kvpress.
@@ -49,26 +58,92 @@ class Budget:
 
 
 @dataclasses.dataclass(frozen=True)
-class Method:
-    """Base of the prefill-time (scorer) methods."""
+class Capabilities:
+    """What a compressor does, declared (composition and the CLIs read these, never probe)."""
 
-    head_wise = False  # True: heads of a layer share the layer's budget unevenly (AdaKV)
+    evicts: bool = True  # keeps a budget of the context's tokens (False: keeps every token)
+    head_wise: bool = False  # the heads of a layer keep different numbers of tokens (AdaKV)
+    decode_scoring: bool = False  # can score the cache at each decode step (decode eviction)
+    decode_step: bool = False  # acts at every decode step
+    own_budget: bool = False  # the budget is the method's own (Quest: tokens read per step)
+    reads_segments: bool = False  # converts a kept context segment (stores: quantized, paged)
+    neighbouring_layers: bool = False  # reads other layers' caches (cross-layer merging)
+    discarded_tokens: bool = False  # reads the tokens it discards (merging methods)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Budgets:
+    """One batch's budgets for `Compressor.compress`: arrays traced, sizes static.
+
+    `segmented`: the kept context must stay a segment of its own (`SegmentedCache`), because a
+    compressor later in a chain converts it; otherwise uniform budgets share one cache with the
+    tokens to come."""
+
+    context_lengths: jax.Array  # [batch] int32, tokens of each context
+    n_kept: jax.Array  # [layers, batch] int32, tokens kept per (layer, kv-head) stream
+    floors: jax.Array  # [layers, batch] int32, head-wise methods: tokens each head keeps at least
+    capacities: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    recent_capacity: int = dataclasses.field(metadata=dict(static=True))
+    budget: Budget = dataclasses.field(metadata=dict(static=True))
+    segmented: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class Compressor:
+    """Base of every compression method (see the module docstring). Frozen and hashable: the
+    compressor is a static argument of jitted code; its learned weights are `params`."""
+
+    capabilities = Capabilities()
 
     def needs(self) -> Needs:
+        """What to observe while the context is prefilled."""
         return Needs()
+
+    def init_params(self, config: ModelConfig, key: jax.Array):
+        """The compressor's learned parameters (a pytree), or None."""
+        return None
+
+    def check_budget(self, budget: Budget) -> None:
+        """Raises UserError when this compressor cannot work to `budget`."""
+
+    def layer_budgets(self, budget: Budget, n: int, num_layers: int) -> list[int]:
+        """Tokens each (layer, kv-head) stream keeps of a context of n tokens."""
+        return [budget.n_kept(n)] * num_layers
+
+    def floor(self, n_kept: int) -> int:
+        """Head-wise methods: tokens each head keeps at least of a layer's n_kept per head."""
+        return 0
+
+    def compress(self, state: KVState, observations: tuple[LayerObservations, ...] | None,
+                 budgets: Budgets, params, config: ModelConfig) -> KVState:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Scorer(Compressor):
+    """Score each cached token (higher keeps), keep each stream's budget of the best
+    (`compression.select.keep_best` does the keeping, for every scorer)."""
 
     def score(self, observations: LayerObservations, cache: DenseKVCache,
               context_lengths: jax.Array, config: ModelConfig) -> jax.Array:
         """[batch, kv_heads, slots] float32; higher keeps; FORCED for tokens always kept."""
         raise NotImplementedError
 
-    def layer_budgets(self, budget: Budget, n: int, num_layers: int) -> list[int]:
-        return [budget.n_kept(n)] * num_layers
+    def compress(self, state, observations, budgets, params, config):
+        layers = tuple(
+            keep_best(self.capabilities.head_wise, i, cache, self.score(None if observations is None else observations[i],
+                                                 cache, budgets.context_lengths, config),
+                      budgets)
+            for i, cache in enumerate(state.layers))
+        return KVState(layers=layers, next_positions=state.next_positions)
 
 
 @dataclasses.dataclass(frozen=True)
-class KeepAll(Method):
+class KeepAll(Scorer):
     """No eviction: every context token stays (used when only a store acts, e.g. `kivi4`)."""
+
+    capabilities = Capabilities(evicts=False)
 
     def score(self, observations, cache, context_lengths, config):
         return jnp.zeros(cache.positions.shape, jnp.float32)
@@ -78,13 +153,12 @@ class KeepAll(Method):
 
 
 @dataclasses.dataclass(frozen=True)
-class Store:
-    """How the kept context is stored and read: e.g. quantized (KIVI, int8) or paged with
-    per-page metadata for sparse reads (Quest). `convert` turns one layer's `SegmentedCache`
-    (compressed context + empty recent segment) into the store's own cache kind, which must
-    implement `append`, `attend` and `nbytes` like the caches in `models.kv_cache`."""
+class Store(Compressor):
+    """Converts each layer's kept context (a `SegmentedCache`: compressed context + empty recent
+    segment) into the store's own cache kind, e.g. quantized (KIVI, int8) or paged with per-page
+    metadata for sparse reads (Quest). Runs after a scorer in a `Chain`."""
 
-    uses_budget = False  # True: the budget is the store's own (Quest's tokens read per step)
+    capabilities = Capabilities(evicts=False, reads_segments=True)
 
     def convert(self, layer, config: ModelConfig, budget: Budget):
         raise NotImplementedError
@@ -94,8 +168,61 @@ class Store:
         its first layers dense) overrides this."""
         return self.convert(layer, config, budget)
 
-    def check_compatible(self, method: Method) -> None:
-        """Raises UserError when this store cannot hold what `method` keeps."""
+    def check_compatible(self, first: Compressor) -> None:
+        """Raises UserError when this store cannot hold what `first` keeps."""
+
+    def compress(self, state, observations, budgets, params, config):
+        return KVState(layers=tuple(self.convert_layer(i, layer, config, budgets.budget)
+                                    for i, layer in enumerate(state.layers)),
+                       next_positions=state.next_positions)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain(Compressor):
+    """`first`, then `then` on what it kept: the one way compressors compose. The first
+    compressor's budgets and observations hold; `then` reads the kept context as a segment."""
+
+    first: Compressor
+    then: Compressor
+
+    def __post_init__(self):
+        if not self.then.capabilities.reads_segments:
+            raise UserError(f"{type(self.then).__name__} cannot follow another method; "
+                            "only a store (kivi2, kivi4, int8, int4, quest) can")
+        self.then.check_compatible(self.first)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        first, then = self.first.capabilities, self.then.capabilities
+        return dataclasses.replace(
+            first, own_budget=first.own_budget or then.own_budget,
+            decode_step=first.decode_step or then.decode_step,
+            neighbouring_layers=first.neighbouring_layers or then.neighbouring_layers,
+            discarded_tokens=first.discarded_tokens or then.discarded_tokens)
+
+    def needs(self) -> Needs:
+        return self.first.needs().union(self.then.needs())
+
+    def init_params(self, config, key):
+        first_key, then_key = jax.random.split(key)
+        return (self.first.init_params(config, first_key), self.then.init_params(config, then_key))
+
+    def check_budget(self, budget: Budget) -> None:
+        self.first.check_budget(budget)
+        self.then.check_budget(budget)
+
+    def layer_budgets(self, budget, n, num_layers):
+        return self.first.layer_budgets(budget, n, num_layers)
+
+    def floor(self, n_kept: int) -> int:
+        return self.first.floor(n_kept)
+
+    def compress(self, state, observations, budgets, params, config):
+        first_params, then_params = params if params is not None else (None, None)
+        kept = self.first.compress(state, observations, dataclasses.replace(budgets,
+                                                                            segmented=True),
+                                   first_params, config)
+        return self.then.compress(kept, observations, budgets, then_params, config)
 
 
 def window_attention(observations: LayerObservations, cache: DenseKVCache, config: ModelConfig,

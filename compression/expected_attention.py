@@ -18,7 +18,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from compression.base import FORCED, Method
+from compression.base import FORCED, Scorer
 from compression.observations import Needs
 from models.rope import inverse_frequencies
 
@@ -38,7 +38,7 @@ def averaged_rope_matrix(config, context_lengths, n_future: int):
 
 
 @dataclasses.dataclass(frozen=True)
-class ExpectedAttention(Method):
+class ExpectedAttention(Scorer):
     n_future_positions: int = 512
     n_sink: int = 4
 

@@ -20,12 +20,13 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from compression.base import Method
+from compression.base import Capabilities, Scorer
 from compression.observations import Needs
 
 
 @dataclasses.dataclass(frozen=True)
-class H2O(Method):
+class H2O(Scorer):
+    capabilities = Capabilities(decode_scoring=True)
 
     def needs(self) -> Needs:
         return Needs(column_sums=True)

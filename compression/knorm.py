@@ -6,11 +6,11 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from compression.base import Method
+from compression.base import Scorer
 
 
 @dataclasses.dataclass(frozen=True)
-class KNorm(Method):
+class KNorm(Scorer):
 
     def score(self, observations, cache, context_lengths, config):
         return -jnp.linalg.norm(cache.keys.astype(jnp.float32), axis=-1)

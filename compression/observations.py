@@ -7,12 +7,22 @@ A method says what it needs (`Needs`); the prefill then keeps, per layer, only t
 Nothing N x N is kept: the column sums come from each chunk's attention as it runs
 (`seen_column_sums`), or, in a one-piece prefill, from the column-sum kernel
 (`pallas_kernels.column_sums`).
+
+The model knows nothing of this: `ObservingCache` wraps a layer's cache during the prefill and
+watches the queries that attend through it. The model hands a cache post-RoPE queries only; the
+pre-RoPE ones (query statistics) are recovered by undoing RoPE at the queries' positions, exact up
+to float32 rounding.
 """
 
 import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+from models.config import ModelConfig
+from models.kv_cache import DenseKVCache, FreshPrefillCache, KVState, group_queries
+from models.rope import undo_rope
+from pallas_kernels.column_sums import attention_column_sums
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,3 +110,70 @@ def _keep_last(kept, kept_positions, new, new_positions):
     out = jnp.zeros_like(kept).at[rows, slot].set(values, mode="drop")
     out_positions = jnp.full_like(kept_positions, -1).at[rows, slot].set(positions, mode="drop")
     return out, out_positions
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ObservingCache:
+    """A layer's cache during the context's prefill, recording what `needs` asks for.
+
+    `cache` is a `DenseKVCache` (chunked prefill: the chunk attends to the cache and its
+    probabilities give the column sums) or a `FreshPrefillCache` (a prompt in one piece: fused
+    attention, the column sums from the kernel with the attention's log-sum-exp)."""
+
+    cache: DenseKVCache | FreshPrefillCache
+    observations: LayerObservations
+    positions: jax.Array | None = None  # [batch, tokens] of the chunk appended
+    valid: jax.Array | None = None
+    needs: Needs = dataclasses.field(default=Needs(), metadata=dict(static=True))
+    config: ModelConfig | None = dataclasses.field(default=None, metadata=dict(static=True))
+    fresh: bool = dataclasses.field(default=False, metadata=dict(static=True))  # a FreshPrefillCache
+
+    @classmethod
+    def watch(cls, cache, observations: LayerObservations, needs: Needs, config: ModelConfig,
+              fresh: bool) -> "ObservingCache":
+        """`cache` watched; `fresh`: it is empty and takes the whole prompt in one chunk."""
+        return cls(FreshPrefillCache(cache) if fresh else cache, observations, needs=needs,
+                   config=config, fresh=fresh)
+
+    def nbytes(self) -> int:
+        return self.cache.nbytes()
+
+    def append(self, keys, values, positions, valid) -> "ObservingCache":
+        return dataclasses.replace(self, cache=self.cache.append(keys, values, positions, valid),
+                                   positions=positions, valid=valid)
+
+    def attend(self, queries, query_positions, sliding_window: int | None = None):
+        positions, valid = self.positions, self.valid
+        if self.fresh:
+            out, lse = self.cache.self_attention(queries, sliding_window)
+            cache = self.cache.cache
+            sums = (attention_column_sums(queries, self.cache.keys, lse, self.cache.lengths,
+                                          window=sliding_window)
+                    if self.needs.column_sums else None)
+        else:
+            cache = self.cache
+            grouped, probs = cache.partial(group_queries(queries, cache.keys.shape[1]),
+                                           query_positions, sliding_window)[::2]
+            out = grouped.reshape(queries.shape).astype(queries.dtype)
+            sums = seen_column_sums(probs, valid) if self.needs.column_sums else None
+        queries_pre_rope = (undo_rope(queries, positions, self.config)
+                            if self.needs.query_statistics_after is not None else None)
+        observations = self.observations.update(self.needs, queries_pre_rope, queries, sums,
+                                                positions, valid)
+        return out, ObservingCache(cache, observations, needs=self.needs, config=self.config)
+
+
+def watch(kv_state: KVState, needs: Needs, observations, config: ModelConfig,
+          fresh: bool) -> KVState:
+    """The KV state with every layer watched (`ObservingCache`), for a prefill; `fresh`: the
+    state is empty and takes the whole prompt in one chunk."""
+    return KVState(layers=tuple(ObservingCache.watch(cache, observed, needs, config, fresh)
+                                for cache, observed in zip(kv_state.layers, observations)),
+                   next_positions=kv_state.next_positions)
+
+
+def unwatch(kv_state: KVState) -> tuple[KVState, tuple[LayerObservations, ...]]:
+    """(the KV state as the prefill left it, what each layer observed)."""
+    return (kv_state.map_layers(lambda layer: layer.cache),
+            tuple(layer.observations for layer in kv_state.layers))

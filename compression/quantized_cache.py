@@ -34,7 +34,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from compression.base import Budget, Method, Store
+from compression.base import Budget, Compressor, Store
 from compression.select import round_up
 from models.attention import merge, segment_attention
 from pallas_kernels.errors import UserError
@@ -64,9 +64,9 @@ class QuantizedStore(Store):
         """Tokens that share a key scale; the quantized capacity is a multiple of it."""
         return self.group_size if self.per_channel_keys else 1
 
-    def check_compatible(self, method: Method) -> None:
-        if method.head_wise:
-            raise UserError(f"{type(method).__name__} gives each kv-head its own budget, which a "
+    def check_compatible(self, first: Compressor) -> None:
+        if first.capabilities.head_wise:
+            raise UserError(f"{type(first).__name__} gives each kv-head its own budget, which a "
                             "quantized store cannot hold; put the store after a method with one "
                             "budget per layer, e.g. snapkv+kivi2")
 
@@ -118,6 +118,9 @@ class QuantizedKVCache:
 
     def nbytes(self) -> int:
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self))
+
+    def context_nbytes(self, reserved: int) -> int:
+        return self.nbytes()
 
     def append(self, keys, values, positions, valid) -> "QuantizedKVCache":
         """Stages new tokens (keys, values [B, t, H, D]; positions, valid [B, t], valid a prefix

@@ -37,7 +37,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from compression.base import Budget, KeepAll, Method, Store
+from compression.base import Budget, Capabilities, Compressor, Store
 from compression.select import round_up
 from pallas_kernels.errors import UserError
 from models.kv_cache import DenseKVCache, SegmentedCache, group_queries
@@ -65,6 +65,9 @@ class QuestCache:
 
     def nbytes(self) -> int:
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self))
+
+    def context_nbytes(self, reserved: int) -> int:
+        return self.nbytes()
 
     def append(self, keys, values, positions, valid) -> "QuestCache":
         """Appends like `DenseKVCache.append` and folds the new keys into their pages' min and
@@ -105,7 +108,8 @@ class QuestCache:
 class Quest(Store):
     page_size: int = 16
     dense_layers: int = 2
-    uses_budget = True  # --kv_budget is the tokens read per decode step, not an eviction budget
+    # --kv_budget is the tokens read per decode step, not an eviction budget
+    capabilities = Capabilities(evicts=False, reads_segments=True, own_budget=True)
 
     def n_select(self, budget: Budget) -> int | None:
         """Pages read per decode step: kv_budget // page_size; None (all) without a budget."""
@@ -119,23 +123,23 @@ class Quest(Store):
                             f"size ({self.page_size} tokens)")
         return budget.tokens // self.page_size
 
-    def check_compatible(self, method: Method) -> None:
-        if not isinstance(method, KeepAll):
+    def check_budget(self, budget: Budget) -> None:
+        self.n_select(budget)
+
+    def check_compatible(self, first: Compressor) -> None:
+        if first.capabilities.evicts:
             raise UserError("quest keeps every token and selects pages at each decode step; use it "
                             "alone (--compress=quest), not after an eviction method")
 
     def convert_layer(self, index: int, layer: SegmentedCache, config: ModelConfig,
                       budget: Budget):
         if index < self.dense_layers:
-            self.n_select(budget)  # the same errors on every layer
             return layer
         return self.convert(layer, config, budget)
 
     def convert(self, layer: SegmentedCache, config: ModelConfig, budget: Budget) -> QuestCache:
         """One paged cache holding the context and room for what follows it (question, answer)."""
         context, recent = layer.context, layer.recent
-        if not isinstance(context, DenseKVCache):
-            raise UserError("quest needs a per-head context (no head-wise budgets)")
         batch, kv_heads, _, head_dim = context.keys.shape
         capacity = round_up(context.capacity + recent.capacity, self.page_size)
         cache = DenseKVCache.empty(batch, kv_heads, capacity, head_dim, context.keys.dtype)

@@ -7,11 +7,11 @@ import dataclasses
 
 import jax
 
-from compression.base import Method
+from compression.base import Scorer
 
 
 @dataclasses.dataclass(frozen=True)
-class Random(Method):
+class Random(Scorer):
     seed: int = 0
 
     def score(self, observations, cache, context_lengths, config):

@@ -9,8 +9,9 @@ import functools
 from typing import Callable
 
 from compression.adakv import AdaKV
-from compression.base import Budget, KeepAll, Method, Store
+from compression.base import Budget, Chain, Compressor, KeepAll, Scorer, Store
 from compression.compress import Compression
+from compression.decode_eviction import DecodeEviction
 from compression.expected_attention import ExpectedAttention
 from compression.h2o import H2O
 from compression.int4 import Int4
@@ -25,7 +26,7 @@ from compression.streamingllm import StreamingLLM
 from compression.tova import TOVA
 from pallas_kernels.errors import UserError
 
-SCORERS: dict[str, type[Method]] = {
+SCORERS: dict[str, type[Scorer]] = {
     "streamingllm": StreamingLLM,
     "snapkv": SnapKV,
     "pyramidkv": PyramidKV,
@@ -35,7 +36,7 @@ SCORERS: dict[str, type[Method]] = {
     "expected_attention": ExpectedAttention,
     "random": Random,
 }
-WRAPPERS: dict[str, type[Method]] = {"adakv": AdaKV}
+WRAPPERS: dict[str, type[Scorer]] = {"adakv": AdaKV}
 STORES: dict[str, Callable[[], Store]] = {
     "quest": Quest,
     "kivi2": functools.partial(KIVI, bits=2),
@@ -46,7 +47,7 @@ STORES: dict[str, Callable[[], Store]] = {
 NAMES = ["none", *SCORERS, *WRAPPERS, *STORES]
 
 
-def parse(spec: str) -> tuple[Method | None, Store | None]:
+def parse(spec: str) -> tuple[Scorer | None, Store | None]:
     """(eviction method or None, store or None) named by `spec`."""
     eviction, plus, store = spec.partition("+")
     if not plus and spec in STORES:
@@ -56,7 +57,7 @@ def parse(spec: str) -> tuple[Method | None, Store | None]:
     return get_method(eviction), STORES[store]() if plus else None
 
 
-def get_method(spec: str) -> Method | None:
+def get_method(spec: str) -> Scorer | None:
     """The method named by `spec`, or None for `none`."""
     if spec == "none":
         return None
@@ -76,12 +77,27 @@ def get_method(spec: str) -> Method | None:
     return WRAPPERS[parts[0]](SCORERS[parts[1]]())
 
 
+def make_compressor(spec: str, decode_eviction: bool = False) -> Compressor | None:
+    """The compressor named by `spec` (None for `none`); with `decode_eviction` the method runs
+    its decode-time eviction. A store alone keeps every token (`KeepAll` then the store)."""
+    method, store = parse(spec)
+    if method is None and store is None:
+        return None
+    if decode_eviction:
+        if store is not None:
+            raise UserError("decode-time eviction does not compose with a store")
+        return DecodeEviction(method)
+    if store is None:
+        return method
+    return Chain(method or KeepAll(), store)
+
+
 def make_compression(spec: str, budget: Budget | None, decode_eviction: bool = False):
     """The `Compression` named by `spec` with `budget` (None for `none`). A store alone keeps
     every token; its budget (if any) is the store's own, e.g. Quest's tokens read per step."""
-    method, store = parse(spec)
-    if method is None and store is None:
+    compressor = make_compressor(spec, decode_eviction)
+    if compressor is None:
         if budget is not None:
             raise UserError("--compression_ratio and --kv_budget need a --compress method")
         return None
-    return Compression(method or KeepAll(), budget or Budget(ratio=0.0), decode_eviction, store)
+    return Compression(compressor, budget or Budget(ratio=0.0))

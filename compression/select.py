@@ -8,7 +8,7 @@ order, which attention cannot tell apart.
 import jax
 import jax.numpy as jnp
 
-from models.kv_cache import EMPTY_POSITION, DenseKVCache, FlatKVCache
+from models.kv_cache import EMPTY_POSITION, DenseKVCache, FlatKVCache, SegmentedCache
 
 BLOCK = 16  # capacities are rounded up to this many slots, so few shapes get compiled
 WIDE_BLOCK = 256  # and from WIDE_FROM slots up to this many (see `capacity_for`)
@@ -69,3 +69,22 @@ def keep_per_layer(cache: DenseKVCache, scores, n_kept_per_head, floor, capacity
                        positions=jnp.where(valid, cache.positions[rows, head, slot],
                                            EMPTY_POSITION),
                        heads=head.astype(jnp.int32), lengths=total.astype(jnp.int32))
+
+
+def keep_best(head_wise: bool, index: int, cache: DenseKVCache, scores, budgets):
+    """Layer `index` keeping its best-scored tokens within `budgets` (a `base.Budgets`): one
+    cache shared with the tokens to come for uniform budgets (a decode step then runs one
+    attention per layer instead of two and a merge), else the kept context as a segment of its
+    own followed by an empty exact segment (head-wise budgets, or a later compressor converts
+    the context)."""
+    n_kept, capacity = budgets.n_kept[index], budgets.capacities[index]
+    if head_wise:
+        context = keep_per_layer(cache, scores, n_kept, budgets.floors[index], capacity)
+    elif not budgets.segmented:
+        return keep_per_head(cache, scores, n_kept,
+                             capacity_for(capacity + budgets.recent_capacity))
+    else:
+        context = keep_per_head(cache, scores, n_kept, capacity)
+    batch, kv_heads, _, head_dim = cache.keys.shape
+    return SegmentedCache(context, DenseKVCache.empty(batch, kv_heads, budgets.recent_capacity,
+                                                      head_dim, cache.keys.dtype))

@@ -17,7 +17,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from compression.base import FORCED, Method, window_attention
+from compression.base import FORCED, Scorer, window_attention
 from compression.observations import Needs
 
 
@@ -41,7 +41,7 @@ def window_scores(observations, cache, context_lengths, config, window: int, ker
 
 
 @dataclasses.dataclass(frozen=True)
-class SnapKV(Method):
+class SnapKV(Scorer):
     window_size: int = 64
     kernel_size: int = 5
 

@@ -11,11 +11,12 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from compression.base import FORCED, Method
+from compression.base import Capabilities, FORCED, Scorer
 
 
 @dataclasses.dataclass(frozen=True)
-class StreamingLLM(Method):
+class StreamingLLM(Scorer):
+    capabilities = Capabilities(decode_scoring=True)
     n_sink: int = 4
 
     def score(self, observations, cache, context_lengths, config):

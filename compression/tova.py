@@ -12,12 +12,13 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from compression.base import FORCED, Method, window_attention
+from compression.base import Capabilities, FORCED, Scorer, window_attention
 from compression.observations import Needs
 
 
 @dataclasses.dataclass(frozen=True)
-class TOVA(Method):
+class TOVA(Scorer):
+    capabilities = Capabilities(decode_scoring=True)
 
     def needs(self) -> Needs:
         return Needs(window=1)

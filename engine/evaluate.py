@@ -78,14 +78,13 @@ def evaluate_batch(checkpoint, samples, settings, max_new_tokens, kl_tokens):
     after = round_up(max(len(q) for q in questions) + max(max_new_tokens, kl_tokens))
     compressions = {s.label: make_compression(s.name, s.budget) for s in settings
                     if s.budget is not None}
-    needs = functools.reduce(Needs.union, [c.method.needs() for c in compressions.values()],
-                             Needs())
+    needs = functools.reduce(Needs.union,
+                             [c.compressor.needs() for c in compressions.values()], Needs())
     needs = needs if needs.any() else None
     compiler = Compiler()
     kv_state = empty_kv_state(config, len(samples), padded + after, params.embed.dtype)
-    observations = needs and new_observations(needs, config, len(samples), padded + after)
     logits, full_state, observations = prefill(compiler, params, config, contexts, kv_state,
-                                               needs, observations)
+                                               needs=needs)
 
     full_bytes = sum(lengths) * config.kv_bytes_per_token(params.embed.dtype.itemsize)
 
@@ -136,7 +135,7 @@ def settings_from_flags() -> list[Setting]:
         method, store = parse(name)
         if method is not None:
             chosen = ratios + tokens
-        elif getattr(store, "uses_budget", False):
+        elif store.capabilities.own_budget:
             chosen = tokens
         else:
             chosen = [Budget(ratio=0.0)]

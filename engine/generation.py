@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from compression.compress import Compression, Plan, compress, context_bytes
+from compression.observations import LayerObservations, Needs, unwatch, watch
 from compression.select import capacity_for, round_up
-from compression.observations import LayerObservations
 from pallas_kernels.errors import UserError
-from models.kv_cache import KVState
+from models.kv_cache import FreshPrefillCache, KVState
 from engine.sampling import Sampling, sample
 from models import llama
 from models.config import ModelConfig
@@ -62,18 +62,14 @@ class GenerationResult:
     kv_state: KVState  # as it stands after the last generated token was fed
 
 
-@functools.partial(jax.jit, static_argnames=("config", "needs", "fresh"),
-                   donate_argnames=("kv_state",))
-def extend(params: ModelParams, config: ModelConfig, tokens, valid, kv_state: KVState,
-           needs=None, observations=None, fresh: bool = False):
-    """Runs one chunk of new tokens; returns each row's logits at its last valid token, the KV
-    state and, when a compression method watches (`needs`), the updated observations.
-    `fresh`: the KV state is empty and the chunk is the whole prompt."""
-    hidden, kv_state, observations = llama.forward(params, config, tokens, valid, kv_state, needs,
-                                                   observations, fresh)
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("kv_state",))
+def extend(params: ModelParams, config: ModelConfig, tokens, valid, kv_state: KVState):
+    """Runs one chunk of new tokens; returns each row's logits at its last valid token and the
+    KV state."""
+    hidden, kv_state = llama.forward(params, config, tokens, valid, kv_state)
     last = jnp.maximum(valid.sum(axis=1) - 1, 0)
     last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-    return llama.logits(params, last_hidden), kv_state, observations
+    return llama.logits(params, last_hidden), kv_state
 
 
 def pad_prompts(prompts: list[list[int]], length: int | None = None) -> np.ndarray:
@@ -98,29 +94,36 @@ class Compiler:
 
 
 def prefill(compiler: Compiler, params, config, prompts: list[list[int]], kv_state: KVState,
-            needs=None, observations=None, padded_length: int | None = None, fresh=False):
+            padded_length: int | None = None, fresh: bool = False, needs: Needs | None = None):
     """Feeds right-padded prompts through `extend`; returns each row's last-token logits, the KV
-    state and the observations (when `needs`). A `fresh` (empty) KV state takes the whole prompt
+    state and, when a compression method asks for `needs`, what it observed (one
+    `LayerObservations` per layer, else None). A `fresh` (empty) KV state takes the whole prompt
     in one fused pass; otherwise the prompt goes in chunks of PREFILL_CHUNK tokens attending to
     the cache."""
     lengths = np.array([len(p) for p in prompts])
     longest = int(lengths.max())
     padded = pad_prompts(prompts, padded_length)
     chunk = padded.shape[1] if fresh else min(PREFILL_CHUNK, padded.shape[1])
+    if needs is not None:
+        observations = compiler(new_observations, needs, config, len(prompts),
+                                kv_state.layers[0].capacity)()
+        kv_state = watch(kv_state, needs, observations, config, fresh)
+    elif fresh:
+        kv_state = kv_state.map_layers(FreshPrefillCache)
     spec = jax.ShapeDtypeStruct((len(prompts), chunk), jnp.int32)
-    extend_fn = compiler(extend, params, config, spec, spec.update(dtype=bool), kv_state, needs,
-                         observations, fresh)
+    extend_fn = compiler(extend, params, config, spec, spec.update(dtype=bool), kv_state)
     last_logits = None
     for start in range(0, longest, chunk):
         valid = np.arange(start, start + chunk)[None, :] < lengths[:, None]
         tokens = np.zeros((len(prompts), chunk), np.int32)
         piece = padded[:, start:start + chunk]
         tokens[:, :piece.shape[1]] = piece
-        logits, kv_state, observations = extend_fn(params, jnp.asarray(tokens),
-                                                   jnp.asarray(valid), kv_state, observations)
+        logits, kv_state = extend_fn(params, jnp.asarray(tokens), jnp.asarray(valid), kv_state)
         ends_here = jnp.asarray(valid.any(axis=1))[:, None]
         last_logits = logits if last_logits is None else jnp.where(ends_here, logits, last_logits)
-    return last_logits, kv_state, observations
+    if needs is None:
+        return last_logits, kv_state, None
+    return (last_logits, *unwatch(kv_state))
 
 
 @functools.partial(jax.jit, static_argnames=("sampling", "max_new_tokens"),
@@ -137,7 +140,7 @@ def decode_step(params, config: ModelConfig, sampling: Sampling, state: DecodeSt
     """Feeds each row's newest token, samples the next one and records it."""
     last = state.tokens[:, state.step - 1]
     done = state.done | jnp.isin(last, jnp.asarray(config.eos_token_ids, jnp.int32))
-    hidden, kv_state, _ = llama.forward(params, config, last[:, None], ~done[:, None], state.kv_state)
+    hidden, kv_state = llama.forward(params, config, last[:, None], ~done[:, None], state.kv_state)
     logits = llama.logits(params, hidden[:, 0])
     token = sample(logits, jax.random.fold_in(state.key, state.step), sampling)
     token = jnp.where(done, 0, token)
@@ -205,27 +208,17 @@ def prefill_capacity(padded_length: int, after_context: int, compression) -> int
     return padded_length if compression else capacity_for(padded_length + after_context)
 
 
-def compress_arguments(compression: Compression, config: ModelConfig, kv_state: KVState,
-                       observations, context_lengths: list[int], after_context: int,
-                       plan: Plan | None = None) -> tuple[tuple, dict]:
-    """`compress`'s positional and static keyword arguments for these prefilled contexts;
-    `after_context` slots stay free for the question and the generated tokens. `plan` defaults
-    to the plan of these contexts alone."""
-    plan = plan or Plan.make(compression, context_lengths, config.num_layers,
-                             config.num_kv_heads)
-    args = (compression, config, kv_state, observations,
-            jnp.asarray(context_lengths, jnp.int32), jnp.asarray(plan.n_kept),
-            jnp.asarray(plan.floors))
-    return args, dict(capacities=plan.capacities, recent_capacity=after_context)
-
-
 def compress_contexts(compiler: Compiler, compression: Compression, config: ModelConfig,
                       kv_state: KVState, observations, context_lengths: list[int],
                       after_context: int, plan: Plan | None = None) -> KVState:
-    """Compresses each prefilled context to its budget (arguments as `compress_arguments`)."""
-    args, static = compress_arguments(compression, config, kv_state, observations,
-                                      context_lengths, after_context, plan)
-    return compiler(compress, *args, **static)(*args[2:])
+    """Compresses each prefilled context to its budget; `after_context` slots stay free for the
+    question and the generated tokens. `plan` defaults to the plan of these contexts alone."""
+    plan = plan or Plan.make(compression, context_lengths, config.num_layers,
+                             config.num_kv_heads)
+    budgets = plan.budgets(compression.budget, context_lengths, after_context)
+    compressed = compiler(compress, compression.compressor, config, kv_state, observations,
+                          budgets, compression.params)
+    return compressed(kv_state, observations, budgets, compression.params)
 
 
 def feed_questions(compiler: Compiler, params, config, questions: list[list[int]],
@@ -309,7 +302,8 @@ def generate(params: ModelParams, config: ModelConfig, prompts: list[list[int]],
     time, so the reported speeds exclude compilation.
     """
     questions = questions or [[] for _ in prompts]
-    if compression is not None and compression.decode_eviction:  # the budget covers everything
+    if compression is not None and compression.compressor.capabilities.decode_step:
+        # the budget covers everything: the question is prefilled and compressed with the context
         prompts, questions = [p + q for p, q in zip(prompts, questions)], [[] for _ in prompts]
     check_lengths(config, prompts, questions, max_new_tokens)
     if on_token is not None and len(prompts) != 1:
@@ -320,7 +314,7 @@ def generate(params: ModelParams, config: ModelConfig, prompts: list[list[int]],
     context_lengths = [len(p) for p in prompts]
     per_token = config.kv_bytes_per_token(jnp.dtype(kv_dtype).itemsize)
     compiler = Compiler()
-    needs = compression.method.needs() if compression else None
+    needs = compression.compressor.needs() if compression else None
     needs = needs if needs and needs.any() else None
     plan = compression and Plan.make(compression, context_lengths, config.num_layers,
                                      config.num_kv_heads)
@@ -332,11 +326,10 @@ def generate(params: ModelParams, config: ModelConfig, prompts: list[list[int]],
         size = len(prompts[rows])
         capacity = prefill_capacity(padded_length, after_context, compression)
         part = compiler(empty_kv_state, config, size, capacity, kv_dtype)()
-        observations = needs and compiler(new_observations, needs, config, size, padded_length)()
         with Stopwatch(compiler) as prefill_time:
             part_logits, part, observations = prefill(compiler, params, config, prompts[rows],
-                                                      part, needs, observations, padded_length,
-                                                      fresh=True)
+                                                      part, padded_length, fresh=True,
+                                                      needs=needs)
             prefill_seconds += prefill_time.stop(part_logits)
         if compression is not None:
             with Stopwatch(compiler) as compress_time:

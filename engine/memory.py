@@ -13,8 +13,8 @@ import jax
 
 from compression.compress import Compression, compress
 from pallas_kernels.errors import UserError
-from engine.generation import (compress_arguments, empty_kv_state, new_observations,
-                               prefill_capacity)
+from compression.compress import Plan
+from engine.generation import empty_kv_state, new_observations, prefill_capacity
 from models.config import ModelConfig
 
 MARGIN_BYTES = 2 * 2**30  # compiler scratch, fragmentation, the runtime's own buffers
@@ -34,12 +34,13 @@ def sequence_state_bytes(config: ModelConfig, compression: Compression | None,
         prefilled = empty_kv_state(config, 1, capacity, dtype)
         if compression is None:
             return prefilled
-        needs = compression.method.needs()
+        needs = compression.compressor.needs()
         observations = (new_observations(needs, config, 1, padded_length) if needs.any()
                         else None)
-        args, static = compress_arguments(compression, config, prefilled, observations,
-                                          [context_length], after_context)
-        return compress(*args, **static)
+        plan = Plan.make(compression, [context_length], config.num_layers, config.num_kv_heads)
+        return compress(compression.compressor, config, prefilled, observations,
+                        plan.budgets(compression.budget, [context_length], after_context),
+                        compression.params)
 
     return jax.eval_shape(state).nbytes()
 

@@ -20,7 +20,7 @@ def copy_state(kv_state: KVState) -> KVState:
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("kv_state",))
 def _forced_logits(params, config, tokens, valid, kv_state: KVState):
     """Logits at every position of `tokens` fed after the KV state."""
-    hidden, _, _ = llama.forward(params, config, tokens, valid, kv_state)
+    hidden, _ = llama.forward(params, config, tokens, valid, kv_state)
     return llama.logits(params, hidden)
 
 

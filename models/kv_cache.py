@@ -7,18 +7,41 @@ slots `[0, length)` are valid, the rest are free. Batches are right-padded: the 
 sequence form a prefix of each chunk, and writes of padding are dropped.
 
 Layers are a tuple so each layer's cache can have its own capacity (layer-wise budgets, PyramidKV)
-and its own kind (full precision, quantized, ...). A cache kind implements `append` and `attend`;
-the model never looks inside.
+and its own kind (full precision, quantized, paged, ...). Every kind implements the `KVCache`
+protocol; the model only ever appends and attends, and never looks inside.
 """
 
 import dataclasses
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 
-from models.attention import merge, segment_attention
+from models.attention import causal_self_attention, merge, segment_attention
 
 EMPTY_POSITION = -1
+
+
+class KVCache(Protocol):
+    """What the model sees of one layer's cache (gpt-fast's `KVCache.update`, split in two).
+
+    `append(keys, values, positions, valid)`: keys and values [batch, tokens, kv_heads,
+    head_dim] after RoPE, positions and valid [batch, tokens] (valid a prefix of each row); tokens
+    that are not valid are dropped. Returns the cache.
+    `attend(queries, query_positions, sliding_window)`: softmax attention of queries [batch,
+    tokens, heads, head_dim] over what the cache holds (the tokens just appended included), a
+    query seeing the slots at its own position or before (and, with a sliding window W, less
+    than W positions back). Returns (output [batch, tokens, heads, head_dim], cache): a cache may
+    update itself while attending (decode-time eviction, a quantization flush, observers).
+    `nbytes()`: the bytes the cache holds.
+    """
+
+    def append(self, keys, values, positions, valid) -> "KVCache": ...
+
+    def attend(self, queries, query_positions, sliding_window: int | None = None
+               ) -> tuple[jax.Array, "KVCache"]: ...
+
+    def nbytes(self) -> int: ...
 
 
 def group_queries(queries, kv_heads: int):
@@ -50,6 +73,10 @@ class DenseKVCache:
 
     def nbytes(self) -> int:
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self))
+
+    def context_nbytes(self, reserved: int) -> int:
+        """The bytes of the slots not `reserved` for tokens still to come."""
+        return self.nbytes() * (self.capacity - reserved) // self.capacity
 
     def append(self, keys, values, positions, valid) -> "DenseKVCache":
         """Writes new tokens after each stream's valid slots.
@@ -103,6 +130,36 @@ class DenseKVCache:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class FreshPrefillCache:
+    """An empty `DenseKVCache` about to take a whole prompt in one chunk: attention then needs no
+    cache reads and runs fused over the chunk alone (`causal_self_attention`, cuDNN's flash
+    attention on a GPU). `attend` returns the inner cache, so the wrapper lasts one chunk."""
+
+    cache: DenseKVCache
+    keys: jax.Array | None = None  # [batch, tokens, kv_heads, head_dim], the chunk appended
+    values: jax.Array | None = None
+    lengths: jax.Array | None = None  # [batch] valid tokens of the chunk
+
+    def nbytes(self) -> int:
+        return self.cache.nbytes()
+
+    def append(self, keys, values, positions, valid) -> "FreshPrefillCache":
+        return FreshPrefillCache(self.cache.append(keys, values, positions, valid), keys, values,
+                                 valid.sum(axis=1, dtype=jnp.int32))
+
+    def self_attention(self, queries, sliding_window: int | None = None):
+        """(output [batch, tokens, heads, head_dim], log-sum-exp [batch, tokens, heads]) of the
+        chunk's queries over the chunk."""
+        return causal_self_attention(queries, self.keys, self.values, self.lengths,
+                                     sliding_window)
+
+    def attend(self, queries, query_positions, sliding_window: int | None = None):
+        out, _ = self.self_attention(queries, sliding_window)
+        return out, self.cache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class FlatKVCache:
     """A read-only cache whose kv-heads keep different numbers of tokens (head-wise budgets,
     AdaKV): the kept tokens of all heads of a layer share one flat slot axis, each slot tagged
@@ -143,6 +200,9 @@ class SegmentedCache:
     def nbytes(self) -> int:
         return self.context.nbytes() + self.recent.nbytes()
 
+    def context_nbytes(self, reserved: int) -> int:
+        return self.context.nbytes()
+
     def append(self, keys, values, positions, valid) -> "SegmentedCache":
         return SegmentedCache(self.context, self.recent.append(keys, values, positions, valid))
 
@@ -163,6 +223,10 @@ class KVState:
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def map_layers(self, fn) -> "KVState":
+        return KVState(layers=tuple(fn(layer) for layer in self.layers),
+                       next_positions=self.next_positions)
 
     @classmethod
     def empty(cls, config, batch: int, capacity: int, dtype) -> "KVState":

@@ -9,13 +9,10 @@ read; this file only computes them.
 import jax
 import jax.numpy as jnp
 
-from compression.observations import seen_column_sums
-from models.attention import causal_self_attention
-from models.kv_cache import KVState, group_queries
+from models.kv_cache import KVState
 from models.config import ModelConfig
 from models.params import LayerParams, ModelParams
 from models.rope import apply_rope
-from pallas_kernels.column_sums import attention_column_sums
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -37,68 +34,39 @@ def mlp(layer: LayerParams, x):
     return (jax.nn.silu(gate) * up) @ layer.w_down
 
 
-def attend(cache, q_pre, q, k, v, positions, valid, config: ModelConfig, needs=None,
-           observations=None, fresh: bool = False):
-    """Appends a chunk's post-RoPE keys and values to the cache and attends its queries; with
-    `needs` also updates the layer's `observations` (what the compression scorers watch during
-    prefill; the cache must then be a plain `DenseKVCache`). `fresh` says the cache was empty, so
-    attention runs over the new tokens alone (fused). Returns (output [b, t, heads, d], cache,
-    observations)."""
+def attend(cache, q, k, v, positions, valid, config: ModelConfig):
+    """Appends a chunk's post-RoPE keys and values to one layer's cache (a `KVCache`) and
+    attends its queries. Returns (output [b, t, heads, d], cache)."""
     cache = cache.append(k, v, positions, valid)
-    if fresh:
-        lengths = valid.sum(axis=1, dtype=jnp.int32)
-        attn, lse = causal_self_attention(q, k, v, lengths, config.sliding_window)
-        if needs is not None:
-            sums = (attention_column_sums(q, k, lse, lengths, window=config.sliding_window)
-                    if needs.column_sums else None)
-            observations = observations.update(needs, q_pre, q, sums, positions, valid)
-    elif needs is None:
-        attn, cache = cache.attend(q, positions, config.sliding_window)
-    else:
-        out, _, probs = cache.partial(group_queries(q, config.num_kv_heads), positions,
-                                      config.sliding_window)
-        attn = out.astype(q.dtype)
-        sums = seen_column_sums(probs, valid) if needs.column_sums else None
-        observations = observations.update(needs, q_pre, q, sums, positions, valid)
-    return attn, cache, observations
+    return cache.attend(q, positions, config.sliding_window)
 
 
-def decoder_layer(layer: LayerParams, cache, x, positions, valid, config: ModelConfig,
-                  needs=None, observations=None, fresh: bool = False):
-    """One block; `needs`, `observations` and `fresh` as in `attend`."""
+def decoder_layer(layer: LayerParams, cache, x, positions, valid, config: ModelConfig):
+    """One block: attention (through the cache) and the MLP, each with a residual."""
     h = rms_norm(x, layer.attn_norm, config.rms_norm_eps)
-    q_pre, k, v = project_qkv(layer, h, config)
-    q, k = apply_rope(q_pre, positions, config), apply_rope(k, positions, config)
-    attn, cache, observations = attend(cache, q_pre, q, k, v, positions, valid, config, needs,
-                                       observations, fresh)
+    q, k, v = project_qkv(layer, h, config)
+    q, k = apply_rope(q, positions, config), apply_rope(k, positions, config)
+    attn, cache = attend(cache, q, k, v, positions, valid, config)
     x = x + attn.reshape(*x.shape[:2], -1) @ layer.wo
     x = x + mlp(layer, rms_norm(x, layer.mlp_norm, config.rms_norm_eps))
-    return x, cache, observations
+    return x, cache
 
 
-def forward(params: ModelParams, config: ModelConfig, tokens, valid, kv_state: KVState,
-            needs=None, observations=None, fresh: bool = False):
+def forward(params: ModelParams, config: ModelConfig, tokens, valid, kv_state: KVState):
     """Runs `tokens` [batch, t] (valid: [batch, t] bool, a prefix per row) after the KV state.
 
-    Positions continue from each sequence's `next_positions`. When a compression method watches
-    the prefill, `needs` says what it needs and `observations` holds one `LayerObservations` per
-    layer. Returns the final-norm hidden states [batch, t, hidden], the updated KV state and the
-    updated observations (None when not watching). `fresh`: the KV state is empty (a first
-    prefill in one piece), so attention needs no cache reads.
+    Positions continue from each sequence's `next_positions`. Returns the final-norm hidden states
+    [batch, t, hidden] and the updated KV state.
     """
     positions = kv_state.next_positions[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
     x = params.embed[tokens]
-    caches, watched = [], []
-    for i, (layer, cache) in enumerate(zip(params.layers, kv_state.layers)):
-        x, cache, layer_observations = decoder_layer(
-            layer, cache, x, positions, valid, config, needs,
-            None if needs is None else observations[i], fresh)
+    caches = []
+    for layer, cache in zip(params.layers, kv_state.layers):
+        x, cache = decoder_layer(layer, cache, x, positions, valid, config)
         caches.append(cache)
-        watched.append(layer_observations)
     x = rms_norm(x, params.final_norm, config.rms_norm_eps)
-    new_state = KVState(layers=tuple(caches),
-                        next_positions=kv_state.next_positions + valid.sum(1, dtype=jnp.int32))
-    return x, new_state, (None if needs is None else tuple(watched))
+    return x, KVState(layers=tuple(caches),
+                      next_positions=kv_state.next_positions + valid.sum(1, dtype=jnp.int32))
 
 
 def logits(params: ModelParams, hidden: jax.Array) -> jax.Array:

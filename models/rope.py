@@ -40,3 +40,13 @@ def apply_rope(x: jax.Array, positions: jax.Array, config: ModelConfig) -> jax.A
     first, second = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
     return rotated.astype(x.dtype)
+
+
+def undo_rope(x: jax.Array, positions: jax.Array, config: ModelConfig) -> jax.Array:
+    """The inverse of `apply_rope` (rotation by minus each position's angles), in float32:
+    recovers pre-RoPE vectors from cached or attending post-RoPE ones."""
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inverse_frequencies(config))
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([first * cos + second * sin, second * cos - first * sin], axis=-1)

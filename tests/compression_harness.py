@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from compression.compress import Compression, Plan, compress
-from compression.observations import LayerObservations
-from models.kv_cache import DenseKVCache, FlatKVCache, KVState
+from compression.observations import LayerObservations, ObservingCache
+from models.kv_cache import DenseKVCache, FlatKVCache, FreshPrefillCache, KVState
 from models.config import ModelConfig
 from models.llama import attend
 from models.rope import apply_rope
@@ -53,7 +53,7 @@ def engine_kept_positions(config: ModelConfig, compression: Compression, layers,
     batch, n = layers[0]["q"].shape[:2]
     chunk = n if one_piece else chunk
     capacity = -(-n // chunk) * chunk
-    needs = compression.method.needs()
+    needs = compression.compressor.needs()
     states, observations = [], []
     for layer in layers:
         cache = DenseKVCache.empty(batch, config.num_kv_heads, capacity, config.head_dim,
@@ -67,31 +67,34 @@ def engine_kept_positions(config: ModelConfig, compression: Compression, layers,
                                                  [(0, 0), (0, max(0, start + chunk - n)), (0, 0),
                                                   (0, 0)]))
             cache, observed = _prefill_chunk(
-                config, needs, cache, observed, piece(layer["q_pre"]), piece(layer["q"]),
-                piece(layer["k"]), piece(layer["v"]), jnp.asarray(positions, jnp.int32),
-                jnp.asarray(valid), one_piece)
+                config, needs, cache, observed, piece(layer["q"]), piece(layer["k"]),
+                piece(layer["v"]), jnp.asarray(positions, jnp.int32), jnp.asarray(valid),
+                one_piece and start == 0)
         states.append(cache)
         observations.append(observed)
     plan = Plan.make(compression, lengths, config.num_layers, config.num_kv_heads)
     kv_state = KVState(layers=tuple(states), next_positions=jnp.asarray(lengths, jnp.int32))
-    compressed = compress(compression, config, kv_state,
+    compressed = compress(compression.compressor, config, kv_state,
                           tuple(observations) if needs.any() else None,
-                          jnp.asarray(lengths, jnp.int32), jnp.asarray(plan.n_kept),
-                          jnp.asarray(plan.floors), capacities=plan.capacities,
-                          recent_capacity=RECENT_SLOTS)
+                          plan.budgets(compression.budget, lengths, RECENT_SLOTS),
+                          compression.params)
     return [kept_positions(getattr(layer, "context", layer), config.num_kv_heads)
             for layer in compressed.layers]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "needs", "fresh"))
-def _prefill_chunk(config, needs, cache, observed, q_pre, q, k, v, positions, valid, fresh):
-    """One prefill chunk through the model's own attention step (`models.llama.attend`), jitted
-    only to keep the tests fast (the engine's prefill is jitted too). `fresh`: the whole context
-    at once, as a first prefill runs."""
-    watching = needs if needs.any() else None
-    _, cache, observed = attend(cache, q_pre, q, k, v, positions, valid, config, watching,
-                                observed, fresh)
-    return cache, observed
+def _prefill_chunk(config, needs, cache, observed, q, k, v, positions, valid, fresh):
+    """One prefill chunk through the model's own attention step (`models.llama.attend`) on a
+    cache watched as the engine's prefill watches it, jitted only to keep the tests fast.
+    `fresh`: the whole context at once, as a first prefill runs. The pre-RoPE queries are the
+    observer's own (it undoes RoPE on the queries it sees)."""
+    if not needs.any():
+        _, cache = attend(FreshPrefillCache(cache) if fresh else cache, q, k, v, positions,
+                          valid, config)
+        return cache, observed
+    watched = ObservingCache.watch(cache, observed, needs, config, fresh)
+    _, watched = attend(watched, q, k, v, positions, valid, config)
+    return watched.cache, watched.observations
 
 
 def kept_positions(context, kv_heads: int):

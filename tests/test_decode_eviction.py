@@ -30,7 +30,7 @@ def test_streamingllm_2000_tokens_stay_at_budget_in_one_compiled_program():
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         result = generate(params, config, [prompt], new,
-                          compression=Compression(StreamingLLM(), Budget(tokens=budget), True),
+                          compression=Compression(DecodeEviction(StreamingLLM()), Budget(tokens=budget)),
                           on_token=lambda t: at_token.append(len(compiles)))
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
@@ -84,7 +84,7 @@ def test_per_step_eviction_matches_numpy(rule, method):
     q = rng.normal(size=(steps, kv_heads, group, d)).astype(np.float32) * 2
     k = rng.normal(size=(steps, kv_heads, d)).astype(np.float32)
     cache = EvictingKVCache(DenseKVCache.empty(1, kv_heads, 16, d, jnp.float32),
-                            jnp.zeros((1, kv_heads, 16)), DecodeEviction(method, budget))
+                            jnp.zeros((1, kv_heads, 16)), method, budget)
 
     @jax.jit
     def step(cache, q_t, k_t, t):

@@ -29,16 +29,16 @@ def test_prefill_then_decode_equals_one_full_pass(tiny):
     config, params = tiny
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 20))
     state = KVState.empty(config, 2, 24, jnp.float32)
-    hidden, _, _ = llama.forward(params, config, jnp.asarray(tokens), jnp.ones((2, 20), bool), state)
+    hidden, _ = llama.forward(params, config, jnp.asarray(tokens), jnp.ones((2, 20), bool), state)
     full = np.asarray(llama.logits(params, hidden))
 
     state = KVState.empty(config, 2, 24, jnp.float32)
     for start in (0, 6):  # two prefill chunks of 6 tokens
         chunk = jnp.asarray(tokens[:, start:start + 6])
-        logits, state, _ = extend(params, config, chunk, jnp.ones((2, 6), bool), state)
+        logits, state = extend(params, config, chunk, jnp.ones((2, 6), bool), state)
     np.testing.assert_allclose(logits, full[:, 11], atol=1e-5 * np.abs(full).max())
     for t in range(12, 20):
-        hidden, state, _ = llama.forward(params, config, jnp.asarray(tokens[:, t:t + 1]),
+        hidden, state = llama.forward(params, config, jnp.asarray(tokens[:, t:t + 1]),
                                       jnp.ones((2, 1), bool), state)
         np.testing.assert_allclose(llama.logits(params, hidden)[:, 0], full[:, t],
                                    atol=1e-5 * np.abs(full).max())

@@ -17,7 +17,7 @@ from tests.hf_reference import TINY_CONFIGS, converted, hf_greedy, hf_logits, ti
 
 def our_logits(params, config, tokens: np.ndarray) -> np.ndarray:
     state = KVState.empty(config, tokens.shape[0], tokens.shape[1], jnp.float32)
-    hidden, _, _ = llama.forward(params, config, jnp.asarray(tokens),
+    hidden, _ = llama.forward(params, config, jnp.asarray(tokens),
                               jnp.ones(tokens.shape, bool), state)
     return np.asarray(llama.logits(params, hidden))
 

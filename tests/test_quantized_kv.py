@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from compression.base import Budget
+from compression.base import Budget, Chain
 from compression.compress import Compression
 from compression.int4 import Int4
 from compression.int8 import Int8
@@ -20,7 +20,7 @@ from compression.kivi import KIVI
 from compression.pyramidkv import PyramidKV
 from compression.quantized_cache import QuantizedKVCache
 from compression.registry import make_compression
-from engine.generation import Compiler, compress_contexts, generate, new_observations, prefill
+from engine.generation import Compiler, compress_contexts, generate, prefill
 from models.kv_cache import DenseKVCache, KVState
 from pallas_kernels import kv_packing as kp
 from tests.hf_reference import converted, tiny_hf_model
@@ -349,11 +349,12 @@ def test_eviction_then_kivi_quantizes_exactly_the_kept_tokens(tiny):
     compiler = Compiler()
     kv_state = KVState.empty(config, 2, 512, jnp.float32)
     needs = method.needs()
-    _, kv_state, observations = prefill(compiler, params, config, prompts, kv_state, needs,
-                                        new_observations(needs, config, 2, 512))
+    _, kv_state, observations = prefill(compiler, params, config, prompts, kv_state,
+                                        needs=needs)
     budget, lengths = Budget(ratio=0.5), [len(p) for p in prompts]
-    compressed = [compress_contexts(compiler, Compression(method, budget, store=store), config,
-                                    kv_state, observations, lengths, 16)
+    compressed = [compress_contexts(compiler, Compression(
+                                        method if store is None else Chain(method, store),
+                                        budget), config, kv_state, observations, lengths, 16)
                   for store in (None, KIVI(bits=4))]
     for plain, stored in zip(*(state.layers for state in compressed)):
         context = jax.tree.map(np.asarray, getattr(plain, "context", plain))

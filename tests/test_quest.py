@@ -13,7 +13,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from compression.base import Budget, KeepAll
+from compression.base import Budget, Chain, KeepAll
 from compression.compress import Compression
 from compression.quest import Quest, QuestCache
 from compression.registry import make_compression
@@ -287,10 +287,10 @@ def quest_generations(params, config, prompts, questions):
     full = generate(params, config, prompts, 12, questions=questions)
     budget = Budget(tokens=96)  # >= 70 + 5 + 12 tokens: every page is read
     every_layer = generate(params, config, prompts, 12, questions=questions,
-                           compression=Compression(KeepAll(), budget, store=Quest(dense_layers=0)))
+                           compression=Compression(Chain(KeepAll(), Quest(dense_layers=0)), budget))
     tight = generate(params, config, prompts, 12, questions=questions,
-                     compression=Compression(KeepAll(), Budget(tokens=2 * S),
-                                             store=Quest(dense_layers=1)))
+                     compression=Compression(Chain(KeepAll(), Quest(dense_layers=1)),
+                                             Budget(tokens=2 * S)))
     return full, every_layer, tight
 
 
@@ -302,12 +302,12 @@ def test_quest_reports_what_to_change():
     with pytest.raises(UserError, match="page size"):
         Quest().n_select(Budget(tokens=8))
     assert Quest().n_select(Budget(tokens=100)) == 6 and Quest().n_select(Budget(ratio=0.0)) is None
-    assert isinstance(make_compression("quest", None).store, Quest)
-    assert Quest.uses_budget  # engine.evaluate runs quest once per --kv_budgets entry
+    assert isinstance(make_compression("quest", None).compressor.then, Quest)
+    assert Quest.capabilities.own_budget  # engine.evaluate runs quest once per --kv_budgets entry
 
 
 def test_quest_keeps_the_first_two_layers_dense():
-    store = make_compression("quest", Budget(tokens=64)).store
+    store = make_compression("quest", Budget(tokens=64)).compressor.then
     context = DenseKVCache.empty(1, 2, 32, 16, jnp.float32)
     layer = SegmentedCache(context, DenseKVCache.empty(1, 2, 16, 16, jnp.float32))
     kinds = [type(store.convert_layer(i, layer, None, Budget(tokens=64))) for i in range(4)]
