@@ -3,6 +3,8 @@
 HF stores linear weights as [out, in]; we store [in, out]. GGUF (llama.cpp's converter) permutes
 the rows of the query and key projections into interleaved-pair RoPE order; `unpermute_gguf_rows`
 undoes that so both sources give HF's rotate-half layout.
+Shapes come from `models.params.declare_params`: every tensor is checked against its declared
+shape (a fused field's parts one by one) before it is used.
 """
 
 import dataclasses
