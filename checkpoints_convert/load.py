@@ -8,7 +8,6 @@ import importlib.util
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 
 from checkpoints_convert.gguf import read_gguf
@@ -18,7 +17,7 @@ from checkpoints_convert.to_params import params_from_gguf, params_from_hf
 from pallas_kernels.errors import UserError
 from models.tokenizer import Tokenizer, tokenizer_from_gguf_metadata, tokenizer_from_hf_dir
 from models.config import ModelConfig, RopeScaling, config_from_gguf, config_from_hf
-from models.params import LayerParams, ModelParams, layer_shapes
+from models.params import ModelParams, abstract_params
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ORBAX_CONFIG = "engine_config.json"
@@ -73,16 +72,6 @@ def config_from_json(text: str) -> ModelConfig:
         fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
     fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
     return ModelConfig(**fields)
-
-
-def abstract_params(config: ModelConfig, dtype, sharding=None) -> ModelParams:
-    """The parameter tree as shapes and dtypes: what orbax restores into (with shardings)."""
-    spec = lambda shape: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-    layers = tuple(LayerParams(**{k: spec(s) for k, s in layer_shapes(config).items()})
-                   for _ in range(config.num_layers))
-    lm_head = None if config.tie_word_embeddings else spec((config.hidden_size, config.vocab_size))
-    return ModelParams(embed=spec((config.vocab_size, config.hidden_size)), layers=layers,
-                       final_norm=spec((config.hidden_size,)), lm_head=lm_head)
 
 
 def _load_orbax(path, dtype) -> Checkpoint:

@@ -3,16 +3,20 @@
 HF stores linear weights as [out, in]; we store [in, out]. GGUF (llama.cpp's converter) permutes
 the rows of the query and key projections into interleaved-pair RoPE order; `unpermute_gguf_rows`
 undoes that so both sources give HF's rotate-half layout.
+Shapes come from `models.params.declare_params`: every tensor is checked against its declared
+shape (a fused field's parts one by one) before it is used.
 """
 
+import dataclasses
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.errors import UserError
 from models.config import ModelConfig
-from models.params import LayerParams, ModelParams
+from models.params import LayerParams, ModelParams, ParamInfo, declare_params
 
 HF_LAYER_NAMES = {
     "attn_norm": "model.layers.{i}.input_layernorm.weight",
@@ -48,48 +52,43 @@ def unpermute_gguf_rows(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _as_param(raw: np.ndarray, name: str, shape, dtype, transpose: bool):
+def _as_param(raw, name: str, shape: tuple[int, ...], dtype, transpose: bool,
+              fix_rows=lambda w: w) -> jax.Array:
+    """Checks `raw` against the declared `shape` (in our orientation) before touching it."""
     array = np.asarray(raw)
-    array = array.T if transpose else array
-    if array.shape != shape:
-        raise UserError(f"tensor {name} has shape {np.shape(raw)}, which does not fit the config")
-    return jnp.asarray(array, dtype)
-
-
-def source_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes of the separate checkpoint tensors, in our (in, out) orientation."""
-    h, d, inter = config.hidden_size, config.head_dim, config.intermediate_size
-    return {"attn_norm": (h,), "wq": (h, config.num_heads * d), "wk": (h, config.num_kv_heads * d),
-            "wv": (h, config.num_kv_heads * d), "wo": (config.num_heads * d, h), "mlp_norm": (h,),
-            "w_gate": (h, inter), "w_up": (h, inter), "w_down": (inter, h)}
+    expected = shape[::-1] if transpose else shape
+    if array.shape != expected:
+        raise UserError(f"checkpoint tensor {name} has shape {array.shape}, but its config "
+                        f"expects {expected}: the checkpoint and its config do not match")
+    array = fix_rows(array)
+    return jnp.asarray(array.T if transpose else array, dtype)
 
 
 def _build(config: ModelConfig, get: Callable[[str], np.ndarray], layer_names, global_names,
-           dtype, fix_rows=lambda field, w: w) -> ModelParams:
-    shapes = source_shapes(config)
-    layers = []
-    for i in range(config.num_layers):
-        parts = {}
-        for field, pattern in layer_names.items():
-            name = pattern.format(i=i)
-            raw = fix_rows(field, np.asarray(get(name)))
-            parts[field] = _as_param(raw, name, shapes[field], dtype, transpose=raw.ndim == 2)
-        layers.append(LayerParams(
-            attn_norm=parts["attn_norm"],
-            wqkv=jnp.concatenate([parts["wq"], parts["wk"], parts["wv"]], axis=1),
-            wo=parts["wo"], mlp_norm=parts["mlp_norm"],
-            w_gate_up=jnp.concatenate([parts["w_gate"], parts["w_up"]], axis=1),
-            w_down=parts["w_down"]))
-    lm_head = None
-    if not config.tie_word_embeddings:
-        name = global_names["lm_head"]
-        lm_head = _as_param(get(name), name, (config.hidden_size, config.vocab_size), dtype, True)
-    embed, norm = global_names["embed"], global_names["final_norm"]
+           dtype, fix_rows=lambda part, w: w) -> ModelParams:
+    """Reads each declared field (a fused field from its parts, concatenated on the last axis)."""
+
+    def load(names, field: str, info: ParamInfo, **format_args):
+        transpose = len(info.shape) == 2 and field != "embed"  # checkpoints store [out, in]
+        parts = info.part_shapes() or {field: info.shape}
+        arrays = []
+        for part, shape in parts.items():
+            name = names[part].format(**format_args)
+            arrays.append(_as_param(get(name), name, shape, dtype, transpose,
+                                    lambda w: fix_rows(part, w)))
+        return arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, axis=-1)
+
+    declared = declare_params(config)
+    layers = tuple(
+        LayerParams(**{f.name: load(layer_names, f.name, getattr(infos, f.name), i=i)
+                       for f in dataclasses.fields(LayerParams)})
+        for i, infos in enumerate(declared.layers))
     return ModelParams(
-        embed=_as_param(get(embed), embed, (config.vocab_size, config.hidden_size), dtype, False),
-        layers=tuple(layers),
-        final_norm=_as_param(get(norm), norm, (config.hidden_size,), dtype, False),
-        lm_head=lm_head)
+        embed=load(global_names, "embed", declared.embed),
+        layers=layers,
+        final_norm=load(global_names, "final_norm", declared.final_norm),
+        lm_head=None if declared.lm_head is None else load(global_names, "lm_head",
+                                                           declared.lm_head))
 
 
 def params_from_hf(config: ModelConfig, tensors: dict[str, np.ndarray], dtype) -> ModelParams:
@@ -104,10 +103,10 @@ def params_from_hf(config: ModelConfig, tensors: dict[str, np.ndarray], dtype) -
 def params_from_gguf(config: ModelConfig, tensor: Callable[[str], np.ndarray], dtype) -> ModelParams:
     """`tensor(name)` returns a dequantized GGUF tensor in numpy (row-major, HF orientation)."""
 
-    def fix_rows(field, w):
-        if field == "wq":
+    def fix_rows(part, w):
+        if part == "wq":
             return unpermute_gguf_rows(w, config.num_heads)
-        if field == "wk":
+        if part == "wk":
             return unpermute_gguf_rows(w, config.num_kv_heads)
         return w
 

@@ -33,7 +33,7 @@ from pallas_kernels.errors import UserError
 from engine.generation import bucket, generate
 from engine.memory import MemoryModel, sequence_state_bytes
 from models.config import PRESETS
-from models.params import init_random_params, param_bytes
+from models.params import declared_param_bytes, init_random_params, param_bytes
 
 _PRESET = flags.DEFINE_enum("preset", "smollm2-135m", list(PRESETS), "Model shape.")
 _CONTEXT = flags.DEFINE_integer("context_length", 4096, "Context tokens per sequence.")
@@ -100,7 +100,8 @@ def measure(params, config, method: str, batch_spec: str, bandwidth: float, limi
     after = round_up(_STEPS.value)
     sequence_bytes = sequence_state_bytes(config, compression, _CONTEXT.value, padded, after,
                                           jnp.dtype(_DTYPE.value))
-    memory = MemoryModel(config, param_bytes(params), itemsize, padded, sequence_bytes,
+    weights = declared_param_bytes(config, jnp.dtype(_DTYPE.value))
+    memory = MemoryModel(config, weights, itemsize, padded, sequence_bytes,
                          compressed=compression is not None)
     group = _PREFILL_BATCH.value
     batch = memory.largest_batch(limit, group) if batch_spec == "max" else int(batch_spec)
