@@ -287,45 +287,26 @@ def _write_rows(whole, part, start: int):
                         whole, part)
 
 
-def generate(params: ModelParams, config: ModelConfig, prompts: list[list[int]],
-             max_new_tokens: int, sampling: Sampling = Sampling(), seed: int = 0,
-             on_token: Callable[[int], None] | None = None, kv_dtype=None,
-             compression: Compression | None = None,
-             questions: list[list[int]] | None = None,
-             prefill_batch: int | None = None) -> GenerationResult:
-    """Generates up to `max_new_tokens` after each prompt (the context) and its question.
-
-    With `compression`, each context's KV is compressed after its prefill; the question is
-    appended after compression and never compressed. `on_token(id)` streams a one-row batch.
-    `prefill_batch` prefills (and compresses) that many contexts at a time, so a compressed batch
-    can be larger than one whose full-size caches fit at once. Every program is compiled ahead of
-    time, so the reported speeds exclude compilation.
-    """
-    questions = questions or [[] for _ in prompts]
-    if compression is not None and compression.compressor.capabilities.decode_step:
-        # the budget covers everything: the question is prefilled and compressed with the context
-        prompts, questions = [p + q for p, q in zip(prompts, questions)], [[] for _ in prompts]
-    check_lengths(config, prompts, questions, max_new_tokens)
-    if on_token is not None and len(prompts) != 1:
-        raise UserError("streaming generates one prompt at a time")
-    kv_dtype = kv_dtype or params.embed.dtype
+def prefill_and_compress(compiler: Compiler, params, config: ModelConfig,
+                         prompts: list[list[int]], after_context: int, kv_dtype,
+                         compression: Compression | None, group: int):
+    """Prefills the contexts `group` at a time, each group in one fused pass into a cache of its
+    own, and compresses each group as soon as it is in, so a compressed batch can be larger than
+    one whose full-size caches fit at once. Returns each row's last-token logits, the batch's KV
+    state with `after_context` free slots per stream, and the seconds spent prefilling and
+    compressing (compilation excluded)."""
     batch, padded_length = pad_prompts(prompts).shape
-    after_context = round_up(max(len(q) for q in questions) + max_new_tokens)
     context_lengths = [len(p) for p in prompts]
-    per_token = config.kv_bytes_per_token(jnp.dtype(kv_dtype).itemsize)
-    compiler = Compiler()
     needs = compression.compressor.needs() if compression else None
     needs = needs if needs and needs.any() else None
     plan = compression and Plan.make(compression, context_lengths, config.num_layers,
                                      config.num_kv_heads)
-    group = min(prefill_batch or batch, batch)
+    capacity = prefill_capacity(padded_length, after_context, compression)
     prefill_seconds = compression_seconds = 0.0
     logits = kv_state = None
     for start in range(0, batch, group):
         rows = slice(start, start + group)
-        size = len(prompts[rows])
-        capacity = prefill_capacity(padded_length, after_context, compression)
-        part = compiler(empty_kv_state, config, size, capacity, kv_dtype)()
+        part = compiler(empty_kv_state, config, len(prompts[rows]), capacity, kv_dtype)()
         with Stopwatch(compiler) as prefill_time:
             part_logits, part, observations = prefill(compiler, params, config, prompts[rows],
                                                       part, padded_length, fresh=True,
@@ -337,13 +318,45 @@ def generate(params: ModelParams, config: ModelConfig, prompts: list[list[int]],
                                          context_lengths[rows], after_context, plan.rows(rows))
                 compression_seconds += compress_time.stop(part)
         if group == batch:
-            logits, kv_state = part_logits, part
-            break
+            return part_logits, part, prefill_seconds, compression_seconds
         if kv_state is None:
             whole = lambda x: jnp.zeros((batch, *x.shape[1:]), x.dtype)
             logits, kv_state = whole(part_logits), jax.tree.map(whole, part)
         logits = logits.at[rows].set(part_logits)
         kv_state = _write_rows(kv_state, part, start)
+    return logits, kv_state, prefill_seconds, compression_seconds
+
+
+def generate(params: ModelParams, config: ModelConfig, prompts: list[list[int]],
+             max_new_tokens: int, sampling: Sampling = Sampling(), seed: int = 0,
+             on_token: Callable[[int], None] | None = None, kv_dtype=None,
+             compression: Compression | None = None,
+             questions: list[list[int]] | None = None,
+             prefill_batch: int | None = None) -> GenerationResult:
+    """Generates up to `max_new_tokens` after each prompt (the context) and its question:
+    prefill the contexts, compress them, append the questions, decode.
+
+    With `compression`, each context's KV is compressed after its prefill; the question is
+    appended after compression and never compressed. `on_token(id)` streams a one-row batch.
+    `prefill_batch` prefills (and compresses) that many contexts at a time. Every program is
+    compiled ahead of time, so the reported speeds exclude compilation.
+    """
+    questions = questions or [[] for _ in prompts]
+    if compression is not None and compression.compressor.capabilities.decode_step:
+        # the budget covers everything: the question is prefilled and compressed with the context
+        prompts, questions = [p + q for p, q in zip(prompts, questions)], [[] for _ in prompts]
+    check_lengths(config, prompts, questions, max_new_tokens)
+    if on_token is not None and len(prompts) != 1:
+        raise UserError("streaming generates one prompt at a time")
+    kv_dtype = kv_dtype or params.embed.dtype
+    after_context = round_up(max(len(q) for q in questions) + max_new_tokens)
+    context_lengths = [len(p) for p in prompts]
+    per_token = config.kv_bytes_per_token(jnp.dtype(kv_dtype).itemsize)
+    compiler = Compiler()
+
+    logits, kv_state, prefill_seconds, compression_seconds = prefill_and_compress(
+        compiler, params, config, prompts, after_context, kv_dtype, compression,
+        group=min(prefill_batch or len(prompts), len(prompts)))
     context_after = (context_bytes(kv_state, after_context) if compression
                      else sum(context_lengths) * per_token)
     with Stopwatch(compiler) as question_time:

@@ -48,7 +48,7 @@ def causal_self_attention(queries, keys, values, lengths, sliding_window: int | 
     On GPU with 16-bit inputs this is cuDNN's fused flash attention (no t x t scores in memory);
     elsewhere XLA's. Returns the output [b, t, heads, d] (padding queries, past `lengths`, come
     out as zeros) and each query's log-sum-exp of its scaled scores [b, t, heads] float32 (what
-    the column-sum kernel needs to turn scores into probabilities).
+    the column-sum kernel uses to turn scores into probabilities).
     """
     fused = jax.default_backend() == "gpu" and queries.dtype in (jnp.bfloat16, jnp.float16)
     window = None if sliding_window is None else (sliding_window - 1, 0)

@@ -131,8 +131,8 @@ class DenseKVCache:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class FreshPrefillCache:
-    """An empty `DenseKVCache` about to take a whole prompt in one chunk: attention then needs no
-    cache reads and runs fused over the chunk alone (`causal_self_attention`, cuDNN's flash
+    """An empty `DenseKVCache` about to take a whole prompt in one chunk: attention then reads
+    nothing from the cache and runs fused over the chunk alone (`causal_self_attention`, cuDNN's flash
     attention on a GPU). `attend` returns the inner cache, so the wrapper lasts one chunk."""
 
     cache: DenseKVCache

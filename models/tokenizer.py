@@ -48,7 +48,7 @@ _PRE_SPLITS = {
 
 @dataclasses.dataclass
 class Tokenizer:
-    """A vocabulary plus the few facts generation needs: BOS, the ids that end a reply, the chat template."""
+    """A vocabulary plus the few facts generation uses: BOS, the ids that end a reply, the chat template."""
 
     backend: tokenizers.Tokenizer
     bos_id: int | None
@@ -256,8 +256,8 @@ def _sentencepiece_model_file(path: Path) -> tuple[tokenizers.Tokenizer, dict]:
     """A sentencepiece `tokenizer.model`, with the bos/eos/pad ids it was trained with."""
     try:
         from sentencepiece import sentencepiece_model_pb2
-    except ImportError as e:  # the generated proto module needs the protobuf package
-        raise UserError(f"reading {path} needs protobuf: pip install protobuf ({e})") from e
+    except ImportError as e:  # the generated proto module imports the protobuf package
+        raise UserError(f"reading {path} requires protobuf: pip install protobuf ({e})") from e
 
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(path.read_bytes())
