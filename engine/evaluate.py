@@ -30,7 +30,7 @@ from compression.select import round_up
 from engine import cli
 from pallas_kernels.errors import UserError
 from engine.generation import (Compiler, compress_contexts, decode, feed_questions,
-                               empty_kv_state, generated_tokens, new_observations, pad_prompts,
+                               empty_kv_state, generated_tokens, pad_prompts,
                                prefill)
 from engine.sampling import Sampling
 from engine.tasks import TASKS, make_samples, string_match_all

@@ -11,18 +11,14 @@ compression and never compressed.
 
 import sys
 
-import jax
 import jax.numpy as jnp
 from absl import flags
 
-from checkpoints_convert.load import load_checkpoint
-from compression.base import Budget
-from compression.compress import Compression
-from compression.registry import NAMES, make_compression, parse
-from engine import cli
-from pallas_kernels.errors import UserError
+from compression.registry import NAMES
+from engine import api, cli
 from engine.generation import generate
 from engine.sampling import Sampling
+from pallas_kernels.errors import UserError
 
 _PROMPT = flags.DEFINE_string("prompt", None, "Prompt text (the context, if compressing).")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "Read the prompt from this file.")
@@ -53,9 +49,7 @@ _DECODE_EVICTION = flags.DEFINE_bool(
 
 
 def _dtype():
-    if _DTYPE.value == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    return jnp.dtype(_DTYPE.value)
+    return api.default_dtype() if _DTYPE.value == "auto" else jnp.dtype(_DTYPE.value)
 
 
 def _read(path: str, flag: str) -> str:
@@ -76,34 +70,17 @@ def _context_text() -> str:
     return _read(value, name) if name.endswith("_file") else value
 
 
-def _compression() -> Compression | None:
-    budget = None
-    if _RATIO.value is not None or _KV_BUDGET.value is not None:
-        budget = Budget(ratio=_RATIO.value, tokens=_KV_BUDGET.value)
-    elif parse(_COMPRESS.value)[0] is not None:
-        budget = Budget(ratio=0.5)
-    return make_compression(_COMPRESS.value, budget, _DECODE_EVICTION.value)
-
-
-def _split_chat(tokenizer, context: str, question: str) -> tuple[str, str]:
-    """Renders the chat template around context + question and splits it where the question
-    starts, so the template's header goes with the context and its footer with the question."""
-    marker = "\u2063SPLIT\u2063"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": context + marker}])
-    before, after = text.split(marker)
-    return before, (f"\n\n{question}" if question else "") + after
-
-
 def run() -> None:
-    compression = _compression()
+    compression = api.compression(_COMPRESS.value, _RATIO.value, _KV_BUDGET.value,
+                                  _DECODE_EVICTION.value)
     sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
     if _MAX_NEW.value <= 0:
         raise UserError(f"--max_new_tokens must be positive, got {_MAX_NEW.value}")
     context, question = _context_text(), _QUESTION.value
-    checkpoint = load_checkpoint(_CHECKPOINT.value, _dtype())
+    checkpoint = api.load(_CHECKPOINT.value, _dtype())
     tokenizer = checkpoint.tokenizer
     if _CHAT.value:
-        context, question = _split_chat(tokenizer, context, question)
+        context, question = api.chat_segments(tokenizer, context, question)
     context_ids = tokenizer.encode(context)
     question_ids = tokenizer.encode(question) if question else []
     stream = tokenizer.stream_decoder()
