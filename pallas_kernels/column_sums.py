@@ -37,7 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.errors import UserError
-from pallas_kernels.fast_exp2 import LOG2E, exp2
+from pallas_kernels.ptx import LOG2E, exp2
 from pallas_kernels.column_sums_reference import (
     attention_column_sums_reference,
     check_column_sum_inputs,

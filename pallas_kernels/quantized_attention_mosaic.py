@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.fast_exp2 import LN2, LOG2E
+from pallas_kernels.ptx import LN2, LOG2E
 from pallas_kernels.kv_packing import QuantizedTensor
 from pallas_kernels.split_merge import merge_splits
 

@@ -35,7 +35,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.errors import UserError
-from pallas_kernels.fast_exp2 import LN2, LOG2E, exp2
+from pallas_kernels.ptx import LN2, LOG2E, exp2
 from pallas_kernels.split_merge import merge_splits
 from pallas_kernels.quest_reference import quest_decode_attention_reference
 
@@ -85,7 +85,7 @@ def _gpu_kernel(length_ref, count_ref, pages_ref, q_ref, k_ref, v_ref, acc_ref, 
         rows = (slot[:, None], col[None, :])
         k = plgpu.load(k_ref.at[rows], mask=valid[:, None], other=0)
         s = _dot(q, k.astype(q.dtype), cfg.precise, True) * (cfg.sm_scale * LOG2E)
-        s = jnp.where(valid[None, :], s, -jnp.inf)  # log2 units (fast_exp2.py)
+        s = jnp.where(valid[None, :], s, -jnp.inf)  # log2 units (ptx.py)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = exp2(m - m_new, cfg.interpret)
         p = exp2(s - m_new[:, None], cfg.interpret)
