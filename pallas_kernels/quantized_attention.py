@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import jax
 
-from pallas_kernels.errors import UserError
+from pallas_kernels.dispatch import cannot_run, choose_implementation
 from pallas_kernels.kv_packing import QuantizedTensor
 from pallas_kernels.quantized_attention_gpu import pallas_gpu, pallas_kernel_supports
 from pallas_kernels.quantized_attention_mosaic import (
@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 IMPLEMENTATIONS = ("reference", "pallas_gpu", "mosaic_gpu", "pallas_tpu")
+_KERNELS = {"pallas_gpu": pallas_gpu, "mosaic_gpu": mosaic_int8_attention, "pallas_tpu": pallas_tpu}
 
 
 def _default_implementation(q, k, v, interpret) -> str:
@@ -97,25 +98,19 @@ def quantized_decode_attention(
         target_programs and stages.
     """
     check_decode_inputs(q, k, v, length)
-    impl = implementation or _default_implementation(q, k, v, interpret)
+    impl = choose_implementation(
+        implementation or None,  # "" picks one too
+        IMPLEMENTATIONS,
+        auto=lambda: _default_implementation(q, k, v, interpret),
+        refusals={
+            "mosaic_gpu": lambda: cannot_run(
+                "Mosaic GPU", mosaic_int8_supports(q, k, v), suggest_reference=False
+            ),
+            "pallas_tpu": lambda: cannot_run("TPU", pallas_tpu_supports(q, k, v)),
+            "pallas_gpu": lambda: cannot_run("Pallas", pallas_kernel_supports(q, k, v)),
+        },
+    )
     if impl == "reference":
         return quantized_decode_attention_reference(q, k, v, length, sm_scale=sm_scale)
-    if impl not in IMPLEMENTATIONS:
-        raise UserError(f"implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
-    if impl == "mosaic_gpu":
-        if (why := mosaic_int8_supports(q, k, v)) is not None:
-            raise UserError(f"the Mosaic GPU kernel cannot run this input ({why})")
-        return mosaic_int8_attention(
-            q, k, v, length, sm_scale=sm_scale, interpret=interpret, **kernel_options
-        )
-    if impl == "pallas_tpu":
-        if (why := pallas_tpu_supports(q, k, v)) is not None:
-            raise UserError(
-                f"the TPU kernel cannot run this input ({why}); use implementation='reference'"
-            )
-        return pallas_tpu(q, k, v, length, sm_scale=sm_scale, interpret=interpret, **kernel_options)
-    if (why := pallas_kernel_supports(q, k, v)) is not None:
-        raise UserError(
-            f"the Pallas kernel cannot run this input ({why}); use implementation='reference'"
-        )
-    return pallas_gpu(q, k, v, length, sm_scale=sm_scale, interpret=interpret, **kernel_options)
+    kernel = _KERNELS[impl]
+    return kernel(q, k, v, length, sm_scale=sm_scale, interpret=interpret, **kernel_options)
