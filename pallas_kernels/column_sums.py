@@ -19,8 +19,8 @@ a flash-attention backward pass:
   loop; no T x T matrix and no probabilities reach memory; the output is [B, Hkv, T] float32.
 
 Cost: one more Q K^T pass and one more exponential per visible score, about half the FLOPs of
-the attention forward pass; on an H100 at 32k tokens, 10.3 ms per Llama-3.1-8B layer against
-15.1 ms for cuDNN's attention (docs/kernels.md). The dispatcher picks the kernel on a GPU backend
+the attention forward pass; timings against cuDNN's attention: docs/kernels.md, section
+"Attention column sums". The dispatcher picks the kernel on a GPU backend
 for 16-bit q and the reference elsewhere.
 """
 

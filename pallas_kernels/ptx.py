@@ -2,9 +2,8 @@
 
 `exp2`, for the online softmax of every Triton kernel: jnp.exp lowers to libdevice's expf: about
 ten instructions per element (range reduction, two FFMAs for ln 2 in two parts, MUFU.EX2, a
-rescale) on every score of a decode step's tile; replacing it took the int4 store's loop from
-1,194 to 1,050 instructions per warp and 128-slot step (compiled offline, docs/kernels.md, H200
-run of 2026-12-04). The kernels instead fold log2(e) into the query, keep scores and running
+rescale) on every score of a decode step's tile (the instruction counts saved: docs/kernels.md,
+section "H200 run (2026-12-04): exp2 softmax, pair shifts"). The kernels instead fold log2(e) into the query, keep scores and running
 maxima in log2 units and use `ex2.approx.ftz.f32` (MUFU.EX2 alone; relative error about 2**-22,
 results below 2**-126 flushed to 0, which is what an online softmax drops anyway).
 

@@ -7,18 +7,16 @@ documents (the reference is the documentation), with one of four implementations
   never writes a dequantized K or V to device memory; JAX 0.11 deprecates the Triton backend in
   favour of Mosaic GPU but still runs it.
 - "mosaic_gpu": for MaxText int8 on Hopper, a Pallas Mosaic GPU kernel whose scores are an
-  int8 x int8 product (quantized_attention_mosaic.py): on an H200 it beat the Triton kernel GPU
-  side at batch 1, 2, 4, 8 and 16 (docs/kernels.md, "H200 run (2026-12-05)").
+  int8 x int8 product (quantized_attention_mosaic.py), faster GPU side than the Triton kernel
+  at every batch measured (docs/kernels.md, section "H200 run (2026-12-05)").
 - "pallas_tpu": the Mosaic TPU variant (quantized_attention_tpu.py). It was checked on a CPU
   only (TPU interpret mode, Pallas-to-Mosaic lowering), so with `implementation=None` the
   dispatcher does not pick it: on TPU it uses the reference.
 - "reference": plain JAX (quantized_attention_reference.py).
 
-Performance (docs/kernels.md, H200, 2026-12-04/05, wall clock against the benchmark's floor): int8
-at batch 1 reaches 64-76% with the Mosaic GPU kernel (Triton's: 52-63%), at batch 16 98%
-(Triton's: 87-93%);
-the int4 store 43-45% at batch 1 and 72-79% at batch 16, KIVI int4 less: the 4-bit kernels are
-bound by instruction issue (dequantisation, Triton's operand layouts).
+Performance: int8 comes closest to the read-bandwidth floor; the 4-bit kernels are bound by
+instruction issue (dequantisation, Triton's operand layouts). Figures: docs/kernels.md, the
+summary at the end of section "H200 run (2026-12-05)".
 """
 
 from __future__ import annotations

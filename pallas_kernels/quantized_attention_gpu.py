@@ -205,12 +205,10 @@ def _kernel(length_ref, q_ref, *refs, cfg: Config):
 def _default_tuning(batch_heads: int, k: Operand, v: Operand, mma: str) -> dict:
     """Block, programs and warps where the caller gives none: the fastest measured on an H200.
 
-    GPU-side (Nsight Compute) times of attention kernel + split merge, 32k slots, Llama-3.1-8B
-    shape, 2026-12-03 (docs/kernels.md): with 16 sequences (128 (sequence, kv-head) pairs)
-    blocks of 128 slots and 1,024 programs beat 64 and 512 (int4 store 294 -> 261 us, int8
-    404 -> 386 us); with one sequence they lose (int8 37 -> 43 us: 128 splits make the merge
-    5 -> 8 us), so narrow batches keep 64 and 512. Per-channel KIVI keys run best on 2 warps
-    (batch 1: 49 -> 36 us; batch 16 with blocks of 128: 365 us against 401 us with 4 warps).
+    With many (sequence, kv-head) pairs, blocks of 128 slots and 1,024 programs beat 64 and 512;
+    with few they lose (more splits make the merge slower), so narrow batches keep 64 and 512.
+    Per-channel KIVI keys run best on 2 warps. The sweep: docs/kernels.md, section "H200 run
+    (2026-12-03): int8 through PTX, slot vectors, tuned defaults".
     """
     # larger (or float32) tiles could overflow shared memory; they were not measured either
     wide = batch_heads >= 64 and k.head_dim <= 128 and mma == "bf16"

@@ -191,11 +191,11 @@ def reads_pairs(op: Operand, dequant: str) -> bool:
 
     Triton builds the broadcast per-token scale and zero tiles in the MMA operand's register
     layout with one shared-memory load per element, and loads codes a byte at a time; pairs
-    halve both (H100, batch 16, 32k slots: the int4 store 401 -> 306-309 us, KIVI int4 491 ->
-    423 us; docs/kernels.md). Each of the 16 // bits column planes must be at least 32 channels
-    wide (narrower tiles make Triton repeat the dequantisation on every warp) and hold whole
-    pairs per scale group. Per-channel operands (KIVI keys) keep bytes: as pairs their scales
-    become twice as many strided loads (KIVI int4 604 us).
+    halve both. Each of the 16 // bits column planes must be at least 32 channels wide
+    (narrower tiles make Triton repeat the dequantisation on every warp) and hold whole pairs
+    per scale group. Per-channel operands (KIVI keys) keep bytes: as pairs their scales become
+    twice as many strided loads. Timings: docs/kernels.md, section "H100 run (2026-11-23,
+    per-token codes read as byte pairs)".
     """
     planes = 16 // op.bits
     return (
