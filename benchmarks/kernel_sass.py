@@ -8,9 +8,8 @@ for platform "cuda"); a separately installed Triton compiles that IR for sm_90 w
 num_warps / num_stages and ships `cuobjdump`. The script prints, per loop of the kernel (found
 by its backward branch), the instructions one warp issues per iteration and the most common
 opcodes, plus the layout conversions in the TTGIR. pip Triton is not the Triton inside jaxlib,
-so counts are close to, not equal to, what runs (int4 store at batch 16: 1,194 per 128-slot
-step of a warp here, 38.9 warp instructions per slot measured by Nsight Compute on the H200
-against 37.3 predicted). Files go to --out: .ttir, .ttgir, .ptx, .cubin, .sass.
+so counts are close to, not equal to, what runs (a comparison with Nsight Compute's count:
+docs/kernels.md, section "Reading the kernel's machine code without a GPU"). Files go to --out: .ttir, .ttgir, .ptx, .cubin, .sass.
 """
 
 from __future__ import annotations

@@ -8,10 +8,11 @@ arrays was no faster, so the load pipeline, not the arithmetic, bounds it there.
 measures the ceiling of the alternative: a Mosaic GPU kernel with the attention kernel's grid
 (kv-head row, split) whose programs only copy their slice of the cache into shared memory block
 by block with TMA (`plgpu.emit_pipeline`, no arithmetic), against XLA's sum of the same uint8
-array (a slow path of XLA's: on the H200 it read 67 MB in 22.6 us where the quantized-attention
-benchmark's float32 reductions read the same bytes in 17.4; compare with those). Shapes are the int8 and int4-store caches of the quantized-attention benchmark (32k
-slots, 8 kv-heads per sequence, head_dim 128): int8 keys + values are 256 bytes per slot and
-head, the int4 store's codes + scales + zeros 160.
+array (a slow path of XLA's, slower than the quantized-attention benchmark's float32
+reductions of the same bytes: compare with those; figures in docs/kernels.md, section "H200
+experiments at batch 1 (2026-12-04, afternoon)"). Shapes are the int8 and int4-store caches of
+the quantized-attention benchmark (32k slots, 8 kv-heads per sequence, head_dim 128): int8 keys
++ values are 256 bytes per slot and head, the int4 store's codes + scales + zeros 160.
 
 Times are GPU-side: each variant runs 4 calls (4 copies of the cache, more than the L2 holds)
 3 times under `jax.profiler`; printed is the GPU time of its operations per call.

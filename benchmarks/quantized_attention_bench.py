@@ -99,8 +99,9 @@ def same_size_read(n_bytes, queries, reps):
 
     Timed like the kernels (`time_per_call`; each reduction also scales by an element of its q,
     so calls on one buffer stay distinct), per-call host cost included: a reference for a call
-    that only reads its bytes once. At tens of MB it lies well above the floor (H100: 42 MB in
-    20-28 us wall-clock, against 16 us GPU-side under Nsight Compute; docs/kernels.md).
+    that only reads its bytes once. At tens of MB it lies well above the floor, by launch gaps
+    rather than a slower read (docs/kernels.md, section "H100 run (2026-11-23, against a bare
+    read of the same bytes)").
     """
     buffers = [(read_buffer(n_bytes, 0),)]
     copies = max(2, math.ceil(L2_DEFEAT_BYTES / buffers[0][0].nbytes))
@@ -182,17 +183,18 @@ def time_per_call(fn, caches, queries, length, reps):
             # Each call's q depends on the previous output, so XLA cannot merge the calls' matrix
             # products over a shared cache (it does: independent bf16 einsums over one K got merged).
             # The link is an optimization barrier, not arithmetic, so it launches no kernel (the
-            # elementwise link used before cost about 3 us per call; docs/kernels.md). Both of the
+            # elementwise link used before was a kernel of its own; docs/kernels.md). Both of the
             # barrier's results are used: when only q was, XLA dropped the previous output from
-            # the barrier and batched the bf16 einsums again (H200, 2026-12-04).
+            # the barrier and batched the bf16 einsums again.
             outs = []
             for i in range(n):
                 q = qs[i]
                 if outs:
                     q, outs[-1] = jax.lax.optimization_barrier((q, outs[-1]))
                 outs.append(fn(q, *cs[i % len(cs)], length)[0])
-            # One stacked output: returning each call's output as its own array cost 3-7 us of
-            # dispatch per call at batch 1 on the H200, which the slope counted (docs/kernels.md).
+            # One stacked output: returning each call's output as its own array cost dispatch
+            # time per call, which the slope counted (docs/kernels.md, section "H200 experiments
+            # at batch 1 (2026-12-04, afternoon)").
             return jnp.stack(outs)
 
         return run

@@ -5,7 +5,7 @@
 One layer's attention for one decode step: 32 query heads, 8 kv-heads, head_dim 128, bf16, a
 full cache of `--context` tokens in pages of 16. Rows:
 - full attention over the whole cache: plain XLA, and the Pallas dense kernel of
-  `pallas_kernels/quantized_attention.py` (raw bf16 path);
+  `pallas_kernels/quantized_attention_gpu.py` (raw bf16 path);
 - Quest at each token budget: the page-score and top-K kernels (`quest_select`) followed by the
   sparse attention kernel (`quest_decode_attention`); with --breakdown also each part alone.
 

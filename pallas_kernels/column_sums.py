@@ -19,8 +19,8 @@ a flash-attention backward pass:
   loop; no T x T matrix and no probabilities reach memory; the output is [B, Hkv, T] float32.
 
 Cost: one more Q K^T pass and one more exponential per visible score, about half the FLOPs of
-the attention forward pass; on an H100 at 32k tokens, 10.3 ms per Llama-3.1-8B layer against
-15.1 ms for cuDNN's attention (docs/kernels.md). The dispatcher picks the kernel on a GPU backend
+the attention forward pass; timings against cuDNN's attention: docs/kernels.md, section
+"Attention column sums". The dispatcher picks the kernel on a GPU backend
 for 16-bit q and the reference elsewhere.
 """
 
@@ -36,8 +36,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.dispatch import cannot_run, choose_implementation
 from pallas_kernels.errors import UserError
-from pallas_kernels.fast_exp2 import LOG2E, exp2
+from pallas_kernels.ptx import LOG2E, exp2
 from pallas_kernels.column_sums_reference import (
     attention_column_sums_reference,
     check_column_sum_inputs,
@@ -168,15 +169,14 @@ def attention_column_sums(q, k, lse, lengths, *, window: int | None = None,
         block_k (keys per program), num_warps, num_stages.
     """
     check_column_sum_inputs(q, k, lse, lengths)
-    impl = implementation
-    if impl is None:
+
+    def auto() -> str:
         on_gpu = interpret or jax.default_backend() == "gpu"
-        impl = "pallas_gpu" if on_gpu and pallas_kernel_supports(q) is None else "reference"
+        return "pallas_gpu" if on_gpu and pallas_kernel_supports(q) is None else "reference"
+
+    impl = choose_implementation(
+        implementation, IMPLEMENTATIONS, auto=auto,
+        refusals={"pallas_gpu": lambda: cannot_run("Pallas", pallas_kernel_supports(q))})
     if impl == "reference":
         return attention_column_sums_reference(q, k, lse, lengths, window=window)
-    if impl not in IMPLEMENTATIONS:
-        raise UserError(f"implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
-    if (why := pallas_kernel_supports(q)) is not None:
-        raise UserError(f"the Pallas kernel cannot run this input ({why}); "
-                        "use implementation='reference'")
     return _pallas_gpu(q, k, lse, lengths, window=window, interpret=interpret, **kernel_options)

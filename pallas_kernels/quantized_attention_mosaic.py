@@ -22,8 +22,8 @@ warpgroup matrix products (wgmma) so that a batch-1 step reads its bytes near th
   Mosaic GPU (JAX 0.11.2) lowers transposed stores of bf16 register tiles but not of float32.
 
 The query heads of a kv-head (at most 8) are the 8 columns of S^T: GQA is one pass over the
-kv-head's bytes. Measured against the Triton kernel in docs/kernels.md ("H200 run (2026-12-04,
-night)"); `quantized_attention.py` picks it on Hopper.
+kv-head's bytes. Measured against the Triton kernel in docs/kernels.md, section "H200 run
+(2026-12-04, night)"; `quantized_attention.py` picks it on Hopper.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.fast_exp2 import LN2, LOG2E
+from pallas_kernels.ptx import LN2, LOG2E
 from pallas_kernels.kv_packing import QuantizedTensor
 from pallas_kernels.split_merge import merge_splits
 

@@ -34,8 +34,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.dispatch import cannot_run, choose_implementation
 from pallas_kernels.errors import UserError
-from pallas_kernels.fast_exp2 import LN2, LOG2E, exp2
+from pallas_kernels.ptx import LN2, LOG2E, exp2
 from pallas_kernels.split_merge import merge_splits
 from pallas_kernels.quest_reference import quest_decode_attention_reference
 
@@ -85,7 +86,7 @@ def _gpu_kernel(length_ref, count_ref, pages_ref, q_ref, k_ref, v_ref, acc_ref, 
         rows = (slot[:, None], col[None, :])
         k = plgpu.load(k_ref.at[rows], mask=valid[:, None], other=0)
         s = _dot(q, k.astype(q.dtype), cfg.precise, True) * (cfg.sm_scale * LOG2E)
-        s = jnp.where(valid[None, :], s, -jnp.inf)  # log2 units (fast_exp2.py)
+        s = jnp.where(valid[None, :], s, -jnp.inf)  # log2 units (ptx.py)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = exp2(m - m_new, cfg.interpret)
         p = exp2(s - m_new[:, None], cfg.interpret)
@@ -254,25 +255,31 @@ def quest_decode_attention(q, keys, values, lengths, pages, count, page_size: in
         min_blocks_per_split, which choose it), num_warps, num_stages.
     """
     check_attention_inputs(q, keys, values, lengths, pages, count, page_size)
-    impl = implementation
-    if impl is None:
+
+    def auto() -> str:
         supported = pallas_kernel_supports(q, keys, page_size) is None
         on_gpu = jax.default_backend() == "gpu" and supported
-        impl = "pallas_gpu" if (interpret or on_gpu) and sliding_window is None else "reference"
-    if impl not in IMPLEMENTATIONS:
-        raise UserError(f"implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
+        return "pallas_gpu" if (interpret or on_gpu) and sliding_window is None else "reference"
+
+    def no_window() -> str | None:
+        if sliding_window is None:
+            return None
+        return "the Quest kernels have no sliding window; use implementation='reference'"
+
+    impl = choose_implementation(
+        implementation, IMPLEMENTATIONS, auto=auto,
+        refusals={
+            "pallas_tpu": no_window,
+            "pallas_gpu": lambda: no_window() or cannot_run(
+                "Pallas", pallas_kernel_supports(q, keys, page_size)),
+        })
     if impl == "reference":
         return quest_decode_attention_reference(
             q, keys, values, lengths, pages, count, page_size, sm_scale=sm_scale,
             key_positions=key_positions, query_positions=query_positions,
             sliding_window=sliding_window)
-    if sliding_window is not None:
-        raise UserError("the Quest kernels have no sliding window; use implementation='reference'")
     if impl == "pallas_tpu":
         return _pallas_tpu(q, keys, values, lengths, pages, count, page_size, sm_scale=sm_scale,
                            interpret=interpret)
-    if (why := pallas_kernel_supports(q, keys, page_size)) is not None:
-        raise UserError(f"the Pallas kernel cannot run this input ({why}); "
-                        "use implementation='reference'")
     return _pallas_gpu(q, keys, values, lengths, pages, count, page_size, sm_scale=sm_scale,
                        interpret=interpret, **kernel_options)

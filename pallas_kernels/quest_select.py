@@ -29,6 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.dispatch import cannot_run, choose_implementation
 from pallas_kernels.errors import UserError
 from pallas_kernels.quest_reference import (page_scores_reference, pages_in_use,
                                             select_pages_reference)
@@ -180,15 +181,13 @@ def pallas_kernel_supports(q, page_min) -> str | None:
 
 
 def _implementation(q, page_min, implementation, interpret) -> str:
-    if implementation is None:
+    def auto() -> str:
         on_gpu = jax.default_backend() == "gpu" and pallas_kernel_supports(q, page_min) is None
-        implementation = "pallas_gpu" if interpret or on_gpu else "reference"
-    if implementation not in IMPLEMENTATIONS:
-        raise UserError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    if implementation == "pallas_gpu" and (why := pallas_kernel_supports(q, page_min)):
-        raise UserError(f"the Pallas kernel cannot run this input ({why}); "
-                        "use implementation='reference'")
-    return implementation
+        return "pallas_gpu" if interpret or on_gpu else "reference"
+
+    return choose_implementation(
+        implementation, IMPLEMENTATIONS, auto=auto,
+        refusals={"pallas_gpu": lambda: cannot_run("Pallas", pallas_kernel_supports(q, page_min))})
 
 
 def quest_select(q, page_min, page_max, lengths, page_size: int, n_select: int, *,

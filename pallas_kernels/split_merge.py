@@ -11,8 +11,8 @@ its log-sum-exp are
 m = -inf and weigh 0; a query that saw no slot at all gets out = 0 and lse = -inf.
 
 One small Pallas kernel does it, one program per (batch, kv-head, query head): as plain JAX the
-merge was three XLA fusions, about 10 us per call on an H100, a fifth of a batch-1 decode step's
-attention over a 32k-token int4 cache (docs/kernels.md).
+merge was three XLA fusions (their cost: docs/kernels.md, section "H100 run (2026-11-23, split
+merge as one kernel)").
 """
 
 from __future__ import annotations
