@@ -2,7 +2,8 @@
 one batch worked out on the host (`Plan`), and the jitted call of `Compressor.compress`.
 
 Budgets come from the true context lengths (padding never counts); the arrays are sized to the
-largest budget in the batch, rounded up to `select.BLOCK` slots.
+largest budget in the batch, rounded up to `select.BLOCK` slots (head-wise methods: a page pool
+for the worst split of a layer's tokens over its heads, `select.pool_slots`).
 """
 
 import dataclasses
