@@ -4,8 +4,10 @@ a layer keeps kv_heads * n_kept tokens in all; each head first keeps its best
 n_safe = max(1, int(n_kept * alpha)) by the inner scorer, and the remaining slots go to the best
 scores of the whole layer, whichever head they belong to.
 
-kvpress only masks the evicted keys in a full-size cache; here the kept tokens of all heads share
-one flat slot axis (`FlatKVCache`), so the memory saved is real. Wraps any scorer:
+kvpress only masks the evicted keys in a full-size cache; here each head's kept tokens sit on
+pages of a pool the layer's heads share, reached through a per-head page table
+(`models.kv_cache.PagedKVCache`), so the memory saved is real (less than a page per head beyond
+the kept tokens). Wraps any scorer:
 `--compress=adakv:snapkv` (the default inner scorer is SnapKV). Layer budgets come from the inner
 method, so `adakv:pyramidkv` allocates pyramid budgets across layers and Ada-KV's within each
 (kvpress's AdaKVPress always uses uniform layer budgets).

@@ -2,7 +2,8 @@
 one batch worked out on the host (`Plan`), and the jitted call of `Compressor.compress`.
 
 Budgets come from the true context lengths (padding never counts); the arrays are sized to the
-largest budget in the batch, rounded up to `select.BLOCK` slots.
+largest budget in the batch, rounded up to `select.BLOCK` slots (head-wise methods: a page pool
+for the worst split of a layer's tokens over its heads, `select.pool_slots`).
 """
 
 import dataclasses
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compression.base import Budget, Budgets, Compressor
-from compression.select import capacity_for
+from compression.select import capacity_for, pool_slots
 from models.config import ModelConfig
 from models.kv_cache import KVState
 
@@ -35,7 +36,7 @@ class Compression:
 class Plan:
     n_kept: np.ndarray  # [layers, batch] tokens kept per (layer, kv-head) stream
     floors: np.ndarray  # [layers, batch] head-wise methods: tokens each head keeps at least
-    capacities: tuple[int, ...]  # slots of each layer's context segment
+    capacities: tuple[int, ...]  # slots of each layer's context segment (head-wise: its pool)
 
     @classmethod
     def make(cls, compression: Compression, context_lengths: list[int], num_layers: int,
@@ -45,8 +46,10 @@ class Plan:
                            for n in context_lengths], np.int32).T
         n_kept = np.minimum(n_kept, np.array(context_lengths, np.int32)[None, :])
         floors = np.vectorize(compressor.floor, otypes=[np.int32])(n_kept)
-        streams = kv_heads if compressor.capabilities.head_wise else 1
-        capacities = tuple(capacity_for(int(streams * row.max())) for row in n_kept)
+        if compressor.capabilities.head_wise:  # a page pool, see `select.keep_per_layer`
+            capacities = tuple(pool_slots(kv_heads, int(row.max())) for row in n_kept)
+        else:
+            capacities = tuple(capacity_for(int(row.max())) for row in n_kept)
         if compressor.capabilities.decode_step and budget.tokens is not None:
             # one spare slot takes each new token before eviction
             capacities = (capacity_for(budget.tokens + 1),) * num_layers

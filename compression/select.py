@@ -8,11 +8,12 @@ order, which attention cannot tell apart.
 import jax
 import jax.numpy as jnp
 
-from models.kv_cache import EMPTY_POSITION, DenseKVCache, FlatKVCache, SegmentedCache
+from models.kv_cache import EMPTY_POSITION, DenseKVCache, PagedKVCache, SegmentedCache
 
 BLOCK = 16  # capacities are rounded up to this many slots, so few shapes get compiled
 WIDE_BLOCK = 256  # and from WIDE_FROM slots up to this many (see `capacity_for`)
 WIDE_FROM = 2048
+PAGE = BLOCK  # tokens per page of a head-wise (paged) context
 
 
 def round_up(n: int, block: int = BLOCK) -> int:
@@ -49,26 +50,54 @@ def keep_per_head(cache: DenseKVCache, scores, n_kept, capacity: int) -> DenseKV
                         lengths=jnp.broadcast_to(n_kept[:, None], cache.lengths.shape))
 
 
-def keep_per_layer(cache: DenseKVCache, scores, n_kept_per_head, floor, capacity: int) -> FlatKVCache:
-    """The heads of a layer share kv_heads * n_kept[b] slots: each head first keeps its floor[b]
+def pool_slots(kv_heads: int, n_kept: int) -> int:
+    """Pool slots of a head-wise layer whose kv_heads streams keep kv_heads * n_kept tokens in
+    all, split over the heads in any way: each stream rounded up to whole pages, at worst
+    sum_h ceil(k_h / PAGE) <= (kv_heads * (n_kept + PAGE - 1)) // PAGE pages, i.e. less than one
+    page per stream beyond the kept tokens."""
+    return PAGE * ((kv_heads * (n_kept + PAGE - 1)) // PAGE)
+
+
+def keep_per_layer(cache: DenseKVCache, scores, n_kept_per_head, floor,
+                   capacity: int) -> PagedKVCache:
+    """The heads of a layer share kv_heads * n_kept[b] tokens: each head first keeps its floor[b]
     best tokens, the rest go to the best scores of the whole layer (head-wise budgets, AdaKV).
-    Kept slots are ordered by (head, position)."""
+    The kept tokens land in a pool of `capacity` slots (`pool_slots`) of PAGE-token pages, each
+    head's tokens in position order on consecutive pages, heads in order."""
     batch, kv_heads, slots = scores.shape
     scores = _valid_scores(cache, scores)
     rank = jnp.argsort(jnp.argsort(-scores, axis=-1, stable=True), axis=-1)
     scores = jnp.where(rank < floor[:, None, None], jnp.inf, scores)
     flat = scores.reshape(batch, kv_heads * slots)
-    _, chosen = jax.lax.top_k(flat, capacity)
+    chosen_count = min(capacity, kv_heads * slots)
+    _, chosen = jax.lax.top_k(flat, chosen_count)
     total = kv_heads * n_kept_per_head
-    kept = jnp.arange(capacity)[None, :] < total[:, None]
-    order = jnp.sort(jnp.where(kept, chosen, kv_heads * slots), axis=-1)
-    valid = order < kv_heads * slots
-    head, slot = jnp.minimum(order // slots, kv_heads - 1), order % slots
+    kept = jnp.arange(chosen_count)[None, :] < total[:, None]
+    order = jnp.sort(jnp.where(kept, chosen, kv_heads * slots), axis=-1)  # by (head, slot)
+    heads = jnp.arange(kv_heads, dtype=jnp.int32)
+    counts = (order[:, None, :] // slots == heads[None, :, None]).sum(axis=-1, dtype=jnp.int32)
+    starts = jnp.cumsum(counts, axis=1) - counts  # [b, h], each head's first entry of `order`
+    head_pages = -(-counts // PAGE)
+    first_pages = jnp.cumsum(head_pages, axis=1) - head_pages  # [b, h], each head's first page
+    pages = capacity // PAGE
+    stream_pages = min(pages, -(-slots // PAGE))
+    m = jnp.arange(stream_pages, dtype=jnp.int32)
+    page_table = jnp.where(m < head_pages[..., None], first_pages[..., None] + m, 0)
+    # each pool slot takes the entry of `order` its head's stream puts there
+    pool = jnp.arange(pages * PAGE, dtype=jnp.int32)
+    owner = (pool[None, :, None] // PAGE >= first_pages[:, None, :]).sum(axis=-1) - 1
+    take = lambda x: jnp.take_along_axis(x, owner, axis=1)
+    index = pool[None, :] - take(first_pages) * PAGE  # within the owner's stream
+    filled = index < take(counts)
+    entry = jnp.take_along_axis(order, jnp.minimum(take(starts) + index, chosen_count - 1),
+                                axis=1)
+    head, slot = jnp.minimum(entry // slots, kv_heads - 1), entry % slots
     rows = jnp.arange(batch)[:, None]
-    return FlatKVCache(keys=cache.keys[rows, head, slot], values=cache.values[rows, head, slot],
-                       positions=jnp.where(valid, cache.positions[rows, head, slot],
-                                           EMPTY_POSITION),
-                       heads=head.astype(jnp.int32), lengths=total.astype(jnp.int32))
+    paged = lambda x: x.reshape(batch, pages, PAGE, *x.shape[2:])
+    return PagedKVCache(
+        keys=paged(cache.keys[rows, head, slot]), values=paged(cache.values[rows, head, slot]),
+        positions=paged(jnp.where(filled, cache.positions[rows, head, slot], EMPTY_POSITION)),
+        page_table=page_table.astype(jnp.int32), lengths=counts)
 
 
 def keep_best(head_wise: bool, index: int, cache: DenseKVCache, scores, budgets):

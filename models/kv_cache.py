@@ -60,6 +60,15 @@ class DenseKVCache:
     positions: jax.Array  # [batch, kv_heads, capacity] int32, EMPTY_POSITION where free
     lengths: jax.Array  # [batch, kv_heads] int32, valid slots per stream
 
+    AXES = dict(keys=("batch", "kv_heads", "slots", "head_dim"),
+                values=("batch", "kv_heads", "slots", "head_dim"),
+                positions=("batch", "kv_heads", "slots"), lengths=("batch", "kv_heads"))
+
+    def logical_axes(self) -> "DenseKVCache":
+        """This cache with each array replaced by its logical axis names (a tuple per array;
+        map with the cache first: `jax.tree.map(f, cache, cache.logical_axes())`)."""
+        return dataclasses.replace(self, **self.AXES)
+
     @classmethod
     def empty(cls, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype):
         shape = (batch, kv_heads, capacity, head_dim)
@@ -140,6 +149,14 @@ class FreshPrefillCache:
     values: jax.Array | None = None
     lengths: jax.Array | None = None  # [batch] valid tokens of the chunk
 
+    AXES = dict(keys=("batch", "tokens", "kv_heads", "head_dim"),
+                values=("batch", "tokens", "kv_heads", "head_dim"), lengths=("batch",))
+
+    def logical_axes(self) -> "FreshPrefillCache":
+        return FreshPrefillCache(self.cache.logical_axes(), **{
+            name: None if getattr(self, name) is None else axes
+            for name, axes in self.AXES.items()})
+
     def nbytes(self) -> int:
         return self.cache.nbytes()
 
@@ -160,32 +177,121 @@ class FreshPrefillCache:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class FlatKVCache:
-    """A read-only cache whose kv-heads keep different numbers of tokens (head-wise budgets,
-    AdaKV): the kept tokens of all heads of a layer share one flat slot axis, each slot tagged
-    with its head, so the bytes held are the sum of the heads' budgets (the head-flattened layout
-    of KVCache-Factory's AdaKV, with static shapes)."""
+class PagedKVCache:
+    """One layer's cache whose kv-heads hold different numbers of tokens (head-wise budgets,
+    AdaKV; DESIGN.md decisions 3 and 14): a pool of fixed-size pages shared by the layer's
+    kv-heads, a page table per (sequence, kv-head) stream and per-stream lengths (the paged
+    layout of KV-Compress and vLLM, with static shapes).
 
-    keys: jax.Array  # [batch, slots, head_dim]
-    values: jax.Array  # [batch, slots, head_dim]
-    positions: jax.Array  # [batch, slots] int32
-    heads: jax.Array  # [batch, slots] int32, the kv-head each slot belongs to
-    lengths: jax.Array  # [batch] int32, valid slots per sequence
+    Token i of stream (b, h) sits in row i % page_size of pool page page_table[b, h, i //
+    page_size]; only a stream's first ceil(length / page_size) table entries are meaningful.
+    The pages in use are a prefix of the pool (the next free page is their count), and free rows
+    hold EMPTY_POSITION. Each stream wastes less than one page, so the bytes held follow the
+    kept tokens; the pool is sized by the builder for the worst split of its tokens over heads.
+    """
+
+    keys: jax.Array  # [batch, pages, page_size, head_dim], post-RoPE
+    values: jax.Array  # [batch, pages, page_size, head_dim]
+    positions: jax.Array  # [batch, pages, page_size] int32, EMPTY_POSITION where free
+    page_table: jax.Array  # [batch, kv_heads, stream_pages] int32, pool page of each stream page
+    lengths: jax.Array  # [batch, kv_heads] int32, tokens per stream
+
+    AXES = dict(keys=("batch", "pages", "page", "head_dim"),
+                values=("batch", "pages", "page", "head_dim"),
+                positions=("batch", "pages", "page"),
+                page_table=("batch", "kv_heads", "stream_pages"),
+                lengths=("batch", "kv_heads"))
+
+    @classmethod
+    def empty(cls, batch: int, kv_heads: int, pages: int, page_size: int, stream_pages: int,
+              head_dim: int, dtype) -> "PagedKVCache":
+        shape = (batch, pages, page_size, head_dim)
+        return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
+                   positions=jnp.full(shape[:3], EMPTY_POSITION, jnp.int32),
+                   page_table=jnp.zeros((batch, kv_heads, stream_pages), jnp.int32),
+                   lengths=jnp.zeros((batch, kv_heads), jnp.int32))
+
+    @property
+    def page_size(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def pages(self) -> int:
+        return self.keys.shape[1]
+
+    def logical_axes(self) -> "PagedKVCache":
+        return dataclasses.replace(self, **self.AXES)
 
     def nbytes(self) -> int:
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self))
 
+    def pages_used(self, lengths=None):
+        """[batch, kv_heads] int32: pages each stream fills (of `lengths`, by default its own)."""
+        lengths = self.lengths if lengths is None else lengths
+        return -(-lengths // self.page_size)
+
+    def page_owners(self):
+        """[batch, pages] int32: the kv-head whose stream holds each pool page, -1 if free."""
+        batch, kv_heads, stream_pages = self.page_table.shape
+        in_use = jnp.arange(stream_pages) < self.pages_used()[:, :, None]
+        page = jnp.where(in_use, self.page_table, self.pages)  # unused entries are dropped
+        head = jnp.broadcast_to(jnp.arange(kv_heads, dtype=jnp.int32)[None, :, None], page.shape)
+        return jnp.full((batch, self.pages), -1, jnp.int32).at[
+            jnp.arange(batch)[:, None, None], page].set(head, mode="drop")
+
+    def append(self, keys, values, positions, valid) -> "PagedKVCache":
+        """Writes new tokens after each stream's tokens: into its last page while that has room,
+        then into free pool pages taken in order. Tokens that do not fit (pool or page table
+        full) are dropped, as `DenseKVCache.append` drops them. In practice a head-wise context
+        is read-only: the `SegmentedCache` it sits in appends to its exact `recent` part.
+
+        keys, values: [batch, tokens, kv_heads, head_dim]; positions, valid: [batch, tokens]."""
+        batch, tokens, kv_heads, head_dim = keys.shape
+        stream_pages = self.page_table.shape[2]
+        old = self.pages_used()
+        wanted = jnp.minimum(self.pages_used(self.lengths + valid.sum(axis=1, dtype=jnp.int32
+                                                                      )[:, None]), stream_pages)
+        first_new = old.sum(axis=1, keepdims=True) + jnp.cumsum(wanted - old, axis=1) - (
+            wanted - old)  # [b, h], pool page of each stream's first new page
+        grown = old + jnp.clip(self.pages - first_new, 0, wanted - old)
+        m = jnp.arange(stream_pages, dtype=jnp.int32)
+        table = jnp.where((m >= old[..., None]) & (m < grown[..., None]),
+                          first_new[..., None] + m - old[..., None], self.page_table)
+        lengths = jnp.minimum(self.lengths + valid.sum(axis=1, dtype=jnp.int32)[:, None],
+                              grown * self.page_size)
+        index = self.lengths[..., None] + jnp.arange(tokens, dtype=jnp.int32)  # [b, h, t]
+        page = jnp.take_along_axis(table, jnp.minimum(index // self.page_size, stream_pages - 1),
+                                   axis=2)
+        slot = jnp.where(index < lengths[..., None], page * self.page_size
+                         + index % self.page_size, self.pages * self.page_size)
+        b = jnp.arange(batch)[:, None, None]
+
+        def write(pool, new):
+            flat = pool.reshape(batch, self.pages * self.page_size, *pool.shape[3:])
+            return flat.at[b, slot].set(new.astype(pool.dtype), mode="drop").reshape(pool.shape)
+
+        return PagedKVCache(
+            keys=write(self.keys, keys.transpose(0, 2, 1, 3)),
+            values=write(self.values, values.transpose(0, 2, 1, 3)),
+            positions=write(self.positions, jnp.broadcast_to(positions[:, None, :], slot.shape)),
+            page_table=table, lengths=lengths)
+
     def partial(self, grouped_queries, query_positions, sliding_window: int | None = None):
+        """Attention of grouped queries [batch, tokens, kv_heads, group, head_dim]: every
+        kv-head's queries score the whole pool, a row counting for the head that owns its page.
+        This reads the pool once (the bytes held); a paged-attention kernel would walk each
+        head's pages through the page table instead. Returns (output, log-sum-exp, probs)."""
+        batch, pages, page_size, head_dim = self.keys.shape
         kv_heads = grouped_queries.shape[2]
-        slot = jnp.arange(self.keys.shape[1], dtype=jnp.int32)
-        own = self.heads[:, None, :] == jnp.arange(kv_heads, dtype=jnp.int32)[None, :, None]
-        usable = own & (slot < self.lengths[:, None])[:, None, :]  # [b, h, s]
-        key_pos = self.positions[:, None, None, :]
+        own = self.page_owners()[:, None, :] == jnp.arange(kv_heads, dtype=jnp.int32)[None, :, None]
+        key_pos = self.positions.reshape(batch, 1, 1, pages * page_size)
+        usable = jnp.repeat(own, page_size, axis=2)[:, :, None, :] & (key_pos != EMPTY_POSITION)
         query_pos = query_positions[:, None, :, None]
-        mask = usable[:, :, None, :] & (key_pos <= query_pos)
+        mask = usable & (key_pos <= query_pos)
         if sliding_window is not None:
             mask &= query_pos - key_pos < sliding_window
-        return segment_attention(grouped_queries, self.keys, self.values, mask)
+        flat = lambda x: x.reshape(batch, pages * page_size, head_dim)
+        return segment_attention(grouped_queries, flat(self.keys), flat(self.values), mask)
 
 
 @jax.tree_util.register_dataclass
@@ -194,8 +300,11 @@ class SegmentedCache:
     """A compressed context followed by an exact cache for everything appended after compression
     (the question and generated tokens); attention merges the two by log-sum-exp."""
 
-    context: DenseKVCache | FlatKVCache
+    context: DenseKVCache | PagedKVCache
     recent: DenseKVCache
+
+    def logical_axes(self) -> "SegmentedCache":
+        return SegmentedCache(self.context.logical_axes(), self.recent.logical_axes())
 
     def nbytes(self) -> int:
         return self.context.nbytes() + self.recent.nbytes()
@@ -220,6 +329,13 @@ class KVState:
 
     layers: tuple
     next_positions: jax.Array  # [batch] int32
+
+    def logical_axes(self) -> "KVState":
+        """The state with each array replaced by its logical axis names: "batch", "kv_heads",
+        "slots" (a dense stream's slots), "pages", "page" and "stream_pages" (a paged pool's
+        pages, the rows of a page, a stream's page-table entries), "tokens", "head_dim"."""
+        return KVState(layers=tuple(layer.logical_axes() for layer in self.layers),
+                       next_positions=("batch",))
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

@@ -14,7 +14,7 @@ import numpy as np
 
 from compression.compress import Compression, Plan, compress
 from compression.observations import LayerObservations, ObservingCache
-from models.kv_cache import DenseKVCache, FlatKVCache, FreshPrefillCache, KVState
+from models.kv_cache import DenseKVCache, FreshPrefillCache, KVState, PagedKVCache
 from models.config import ModelConfig
 from models.llama import attend
 from models.rope import apply_rope
@@ -98,11 +98,11 @@ def _prefill_chunk(config, needs, cache, observed, q, k, v, positions, valid, fr
 
 
 def kept_positions(context, kv_heads: int):
-    positions = np.asarray(context.positions)
-    if isinstance(context, FlatKVCache):
-        heads, lengths = np.asarray(context.heads), np.asarray(context.lengths)
-        return [[sorted(positions[b, :lengths[b]][heads[b, :lengths[b]] == h].tolist())
-                 for h in range(kv_heads)] for b in range(positions.shape[0])]
-    lengths = np.asarray(context.lengths)
+    positions, lengths = np.asarray(context.positions), np.asarray(context.lengths)
+    if isinstance(context, PagedKVCache):
+        table, page = np.asarray(context.page_table), context.page_size
+        return [[sorted(positions[b, table[b, h, :-(-lengths[b, h] // page)]].reshape(-1)
+                        [:lengths[b, h]].tolist()) for h in range(kv_heads)]
+                for b in range(positions.shape[0])]
     return [[sorted(positions[b, h, :lengths[b, h]].tolist()) for h in range(kv_heads)]
             for b in range(positions.shape[0])]

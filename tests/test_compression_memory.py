@@ -3,7 +3,8 @@
 The context's KV bytes after compression equal the theoretical size: the kept tokens' keys and
 values, plus at most one block of slots per stream (capacities are rounded up to a block) and,
 where the kept tokens share one cache with the tokens to come, the slots kept free for those,
-plus the int32 positions (and, head-wise, head tags) of the slots."""
+plus the int32 positions of the slots; head-wise (AdaKV's page pool), at most one page per
+stream beyond the kept tokens, plus positions, the page table and the lengths."""
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from compression.select import BLOCK, round_up
 from compression.snapkv import SnapKV
 from engine.generation import generate, pad_prompts
 from engine.memory import sequence_state_bytes
-from models.kv_cache import FlatKVCache
+from models.kv_cache import PagedKVCache
 from tests.compression_harness import (RECENT_SLOTS, engine_kept_positions, random_context,
                                        tiny_config)
 from tests.hf_reference import converted, tiny_hf_model
@@ -46,12 +47,21 @@ def test_context_bytes_equal_the_theoretical_size(method, ratio, monkeypatch):
         free = 0 if hasattr(layer, "context") else RECENT_SLOTS
         kv_bytes = context.keys.nbytes + context.values.nbytes
         theoretical = int(kept) * config.num_kv_heads * slot_bytes
-        flat = isinstance(context, FlatKVCache)
-        streams = 1 if flat else config.num_kv_heads
-        assert theoretical <= kv_bytes <= theoretical + streams * (BLOCK + free) * slot_bytes
         slots = kv_bytes // slot_bytes
         metadata = context.nbytes() - kv_bytes
-        assert metadata == slots * 4 * (2 if flat else 1) + context.lengths.nbytes
+        if isinstance(context, PagedKVCache):
+            # head-wise: each head's kept tokens rounded up to whole pages, in a pool sized for
+            # the worst split of the layer's tokens: at most one page per stream beyond them
+            held_pages = int(np.asarray(context.pages_used()).sum())
+            assert held_pages * context.page_size * slot_bytes <= kv_bytes
+            assert theoretical <= kv_bytes <= (theoretical + config.num_kv_heads
+                                               * context.page_size * slot_bytes)
+            assert metadata == (slots * 4 + context.page_table.nbytes
+                                + context.lengths.nbytes)
+            continue
+        assert theoretical <= kv_bytes <= (theoretical
+                                           + config.num_kv_heads * (BLOCK + free) * slot_bytes)
+        assert metadata == slots * 4 + context.lengths.nbytes
     kept_fraction = plan.n_kept.sum() / (n * config.num_layers)
     assert abs(kept_fraction - (1 - ratio)) < 0.01
 
