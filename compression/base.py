@@ -117,6 +117,17 @@ class Compressor:
 
     def compress(self, state: KVState, observations: tuple[LayerObservations, ...] | None,
                  budgets: Budgets, params, config: ModelConfig) -> KVState:
+        """The state with every layer compressed; traced under jit (`compression.compress`).
+
+        `state.layers[i]` is layer i's whole cache, so a method may read any layer while
+        building another: a cross-layer method (`Capabilities(neighbouring_layers=True)`,
+        MiniCache-like) keeps layer i's tokens by layer i-1's scores or merges the two layers'
+        keys and values. A merging method (`discarded_tokens=True`, CaM-like) still holds the
+        full cache after `select.keep_best` has chosen: the tokens discarded are the valid slots
+        whose positions the kept cache does not hold, and their values can be folded into the
+        kept ones. `params` is this compressor's `init_params` pytree (in a `Chain`, a (first,
+        then) tuple), traced, so new values reuse the compiled program. See
+        tests/test_compressor_protocol.py for one double of each."""
         raise NotImplementedError
 
 
