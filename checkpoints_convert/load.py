@@ -69,22 +69,16 @@ def _load_hf(path, dtype) -> Checkpoint:
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         what = f"lacks {e}" if isinstance(e, KeyError) else f"has a bad value ({e})"
         raise UserError(f"{os.path.join(path, 'config.json')}: {what}") from None
-    tokenizer = _tokenizer(path, config)
+    tokenizer = _tokenizer(path)
     return Checkpoint(config, params_from_hf(config, tensors, dtype), tokenizer)
 
 
-def _tokenizer(path: str, config: ModelConfig) -> Tokenizer:
-    """The folder's tokenizer, after checking its JSON files parse and that its vocabulary fits
-    the model's embedding table."""
+def _tokenizer(path: str) -> Tokenizer:
+    """The folder's tokenizer, after checking that its JSON files parse."""
     for name in TOKENIZER_JSON_FILES:
         if os.path.exists(os.path.join(path, name)):
             read_json(os.path.join(path, name))
-    tokenizer = tokenizer_from_hf_dir(path)
-    size = tokenizer.backend.get_vocab_size(with_added_tokens=True)
-    if size > config.vocab_size:
-        raise UserError(f"{os.path.join(path, 'tokenizer.json')}: {size} tokens, but the model's "
-                        f"vocab_size is {config.vocab_size}; the tokenizer is from another model")
-    return tokenizer
+    return tokenizer_from_hf_dir(path)
 
 
 def config_to_json(config: ModelConfig) -> str:
@@ -131,6 +125,6 @@ def _load_orbax(path, dtype) -> Checkpoint:
         config = config_from_dict(fields)
     except UserError as e:
         raise UserError(f"{config_path}: {e}; convert the checkpoint again") from None
-    tokenizer = _tokenizer(path, config)  # small files first: a bad one fails before the weights load
+    tokenizer = _tokenizer(path)  # small files first: a bad one fails before the weights load
     params = restore_tree(os.path.join(path, ORBAX_PARAMS), abstract_params(config, dtype))
     return Checkpoint(config, params, tokenizer)
