@@ -238,13 +238,14 @@ def check_output_dir(directory: str, wanted: dict, overwrite: bool) -> None:
         stored = json.loads(cli.read_text(path))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e}); pass --overwrite to start over") from None
-    differ = [k for k in wanted if stored.get(k) != wanted[k]] if isinstance(stored, dict) else ["?"]
+    if not isinstance(stored, dict):
+        raise UserError(f"{path}: not a JSON object; pass --overwrite to start over")
+    differ = [k for k in wanted if stored.get(k) != wanted[k]]
     if differ:
         k = differ[0]
-        there = stored.get(k) if isinstance(stored, dict) else stored
         raise UserError(f"--output_dir {directory} holds a run with other arguments (--{k} was "
-                        f"{there!r}, now {wanted[k]!r}); rerun with its arguments to resume it, "
-                        "or pass --overwrite to start over")
+                        f"{stored.get(k)!r}, now {wanted[k]!r}); rerun with its arguments to "
+                        "resume it, or pass --overwrite to start over")
 
 
 def start_output_dir(directory: str, wanted: dict, overwrite: bool) -> None:
