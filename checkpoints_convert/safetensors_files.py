@@ -20,6 +20,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from checkpoints_convert.json_file import read_json
 from pallas_kernels.errors import UserError
 
 _DTYPES = {
@@ -38,14 +39,14 @@ def read_hf_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], di
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise UserError(f"checkpoint directory not found: {directory}")
-    config = _read_json(os.path.join(directory, "config.json"))
+    config = read_json(os.path.join(directory, "config.json"))
     single = os.path.join(directory, _SINGLE_FILE)
     if os.path.isfile(single):
         return config, read_safetensors(single)
     index_path = os.path.join(directory, _INDEX_FILE)
     if not os.path.isfile(index_path):
         raise UserError(f"{directory}: no weights found (expected {_SINGLE_FILE} or {_INDEX_FILE})")
-    index = _read_json(index_path)
+    index = read_json(index_path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise UserError(f"{index_path}: no 'weight_map' object")
@@ -108,13 +109,3 @@ def _tensor(path: str, name: str, entry: Any, data: np.ndarray, data_start: int)
         )
     count = (end - begin) // dtype.itemsize
     return np.frombuffer(data, dtype=dtype, count=count, offset=data_start + begin).reshape(shape)
-
-
-def _read_json(path: str) -> Any:
-    if not os.path.isfile(path):
-        raise UserError(f"missing {os.path.basename(path)} in {os.path.dirname(path) or '.'}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None

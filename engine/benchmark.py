@@ -42,7 +42,8 @@ _METHODS = flags.DEFINE_list("methods", ["none"], "Compression specs (see engine
 _RATIO = flags.DEFINE_float("compression_ratio", 0.75, "Ratio for the compressed methods.")
 _STEPS = flags.DEFINE_integer("decode_steps", 64, "Tokens generated per sequence.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Weights and KV dtype.")
-_MEMORY_GB = flags.DEFINE_float("memory_gb", None, "Device memory (default: what JAX reports).")
+_MEMORY_GB = flags.DEFINE_float("memory_gb", None, "Device memory (default: what JAX reports; "
+                                 "on a CPU, which reports none, the host's memory).")
 _PREFILL_BATCH = flags.DEFINE_integer("prefill_batch", 1, "Contexts prefilled at a time.")
 _PEER = flags.DEFINE_bool("peer", False, "Also run HF transformers + kvpress (batch 1).")
 _JSON = flags.DEFINE_string("json", None, "Also write the rows to this file.")
@@ -61,13 +62,17 @@ def read_bandwidth() -> float:
     return x.nbytes / min(times)
 
 
-def device_memory_bytes() -> int:
-    if _MEMORY_GB.value:
-        return int(_MEMORY_GB.value * 2**30)
+def device_memory_bytes(memory_gb: float | None) -> int:
+    """`memory_gb` if given, else the device's memory as JAX reports it, else (a CPU, whose
+    device reports no memory) the host's physical memory."""
+    if memory_gb:
+        return int(memory_gb * 2**30)
     stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" not in stats:
-        raise UserError("cannot read the device's memory size; pass --memory_gb")
-    return int(stats["bytes_limit"])
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    if jax.devices()[0].platform == "cpu":
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    raise UserError("cannot read the device's memory size; pass --memory_gb")
 
 
 def step_weight_bytes(params) -> int:
@@ -152,7 +157,7 @@ def run() -> None:
     params = jax.jit(init_random_params, static_argnums=(0, 2))(
         config, jax.random.key(0), jnp.dtype(_DTYPE.value))
     bandwidth = read_bandwidth()
-    limit = device_memory_bytes()
+    limit = device_memory_bytes(_MEMORY_GB.value)
     rows = []
     for method in _METHODS.value:
         for batch in _BATCHES.value:

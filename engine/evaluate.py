@@ -8,6 +8,13 @@ appends the question and generates greedily, as kvpress's pipeline does. Besides
 measures how far each compressed run's next-token distributions move from the uncompressed run's,
 on the uncompressed run's own continuation: mean KL(full || compressed) and top-1 agreement.
 Writes results.json, results.md and score_vs_memory.png to --output_dir.
+
+Nothing finished is lost: each (task, batch, method, ratio) result is appended to results.jsonl in
+--output_dir (flushed and fsync'd) as soon as it is computed, beside arguments.json. Run again with
+the same arguments, it resumes: finished results are read back (a last line torn by a kill is
+dropped and redone) and only the rest runs; the final files come from the accumulated results, so
+they equal an uninterrupted run's. Different arguments into the same folder are refused unless
+--overwrite, which starts over.
 """
 
 import dataclasses
@@ -15,6 +22,7 @@ import functools
 import json
 import os
 import sys
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -49,10 +57,15 @@ _KL_TOKENS = flags.DEFINE_integer("kl_tokens", 16, "Continuation tokens compared
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model (default: SmolLM2-135M-Instruct).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and KV dtype.")
 _OUTPUT = flags.DEFINE_string("output_dir", "results/eval", "Where results are written.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Start over in an --output_dir that holds "
+                               "another run's results (by default a run resumes its own).")
 
 MAX_NEW_TOKENS = {"passkey": 8, "niah_single": 12, "niah_multikey": 12, "niah_multivalue": 40,
                   "variable_tracking": 40, "common_words": 80, "frequent_words": 30}
 BASELINE = ("none", 0.0)
+ARGUMENTS = "arguments.json"
+RESULTS = "results.jsonl"
+FINAL_FILES = ("results.json", "results.md", "score_vs_memory.png")
 
 
 @dataclasses.dataclass
@@ -68,8 +81,11 @@ class Setting:
                 else -float(self.budget.tokens))
 
 
-def evaluate_batch(checkpoint, samples, settings, max_new_tokens, kl_tokens):
-    """Scores and distribution shifts of every setting on one batch of samples."""
+def evaluate_batch(checkpoint, samples, settings, max_new_tokens, kl_tokens,
+                   skip=frozenset()) -> Iterator[tuple[tuple[str, float], dict]]:
+    """Scores and distribution shifts of every setting on one batch of samples, yielded setting
+    by setting as each finishes. Settings whose labels are in `skip` are not run, but still shape
+    the prefill (what it observes), so the others' results do not depend on what was skipped."""
     params, config, tokenizer = checkpoint.params, checkpoint.config, checkpoint.tokenizer
     contexts = [tokenizer.encode(s.context) for s in samples]
     questions = [tokenizer.encode(s.question) for s in samples]
@@ -105,8 +121,9 @@ def evaluate_batch(checkpoint, samples, settings, max_new_tokens, kl_tokens):
     continuations = [(t + [config.eos_token_ids[0]] * kl_tokens)[:kl_tokens] for t in base_tokens]
     reference = continuation_log_probs(params, config, base_forced, questions, continuations)
     per_row = lambda x: (x * compared).sum(axis=1) / compared.sum(axis=1)
-    results = {}
     for setting in settings:
+        if setting.label in skip:
+            continue
         if setting.budget is None:
             tokens, logprobs, kept = base_tokens, reference, 1.0
         else:
@@ -115,10 +132,9 @@ def evaluate_batch(checkpoint, samples, settings, max_new_tokens, kl_tokens):
         texts = [tokenizer.decode(t) for t in tokens]
         kl = per_row(np.sum(np.exp(reference) * (reference - logprobs), axis=-1))
         agree = per_row(reference.argmax(-1) == logprobs.argmax(-1))
-        results[setting.label] = dict(
+        yield setting.label, dict(
             scores=[string_match_all(t, s.answers) for t, s in zip(texts, samples)],
-            kl=kl.tolist(), top1=agree.tolist(), outputs=texts, kv_kept=[kept])
-    return results
+            kl=kl.tolist(), top1=agree.tolist(), outputs=texts, kv_kept=[float(kept)])
 
 
 def settings_from_flags() -> list[Setting]:
@@ -200,26 +216,153 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def arguments() -> dict:
+    """The flags a run's results depend on: a resumed run must match them."""
+    return dict(tasks=_TASKS.value, methods=_METHODS.value, ratios=_RATIOS.value,
+                kv_budgets=_BUDGETS.value, context_length=_CONTEXT.value,
+                num_samples=_SAMPLES.value, batch_size=_BATCH.value, seed=_SEED.value,
+                kl_tokens=_KL_TOKENS.value, checkpoint=_CHECKPOINT.value, dtype=_DTYPE.value)
+
+
+def check_output_dir(directory: str, wanted: dict, overwrite: bool) -> None:
+    """Refuses a folder that holds anything but this run's own earlier results (unless
+    `overwrite`), before any work."""
+    if overwrite or not os.path.isdir(directory) or not os.listdir(directory):
+        return
+    path = os.path.join(directory, ARGUMENTS)
+    if not os.path.exists(path):
+        raise UserError(f"--output_dir {directory} is not empty and holds no {ARGUMENTS} of an "
+                        "earlier run; choose another folder, or pass --overwrite to write there")
+    try:
+        stored = json.loads(cli.read_text(path))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e}); pass --overwrite to start over") from None
+    if not isinstance(stored, dict):
+        raise UserError(f"{path}: not a JSON object; pass --overwrite to start over")
+    differ = [k for k in wanted if stored.get(k) != wanted[k]]
+    if differ:
+        k = differ[0]
+        raise UserError(f"--output_dir {directory} holds a run with other arguments (--{k} was "
+                        f"{stored.get(k)!r}, now {wanted[k]!r}); rerun with its arguments to "
+                        "resume it, or pass --overwrite to start over")
+
+
+def start_output_dir(directory: str, wanted: dict, overwrite: bool) -> None:
+    """Creates the folder and its arguments.json; with `overwrite`, first removes what an
+    earlier run wrote there."""
+    os.makedirs(directory, exist_ok=True)
+    if overwrite:
+        for name in (ARGUMENTS, RESULTS, *FINAL_FILES):
+            if os.path.exists(os.path.join(directory, name)):
+                os.remove(os.path.join(directory, name))
+    path = os.path.join(directory, ARGUMENTS)
+    if not os.path.exists(path):
+        with open(path + ".tmp", "w") as f:
+            json.dump(wanted, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+
+def load_results(path: str) -> dict:
+    """The finished results in results.jsonl, keyed by (task, batch start, method, ratio).
+
+    Each result is one write of one line ending in a newline, so a kill mid-write leaves at most a
+    last line without its newline: it is cut off, to be redone. Any other damage is refused."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, "rb") as f:
+        data = f.read()
+    complete = data[:data.rfind(b"\n") + 1]
+    if len(complete) < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    done = {}
+    for number, line in enumerate(complete.splitlines(), 1):
+        try:
+            r = json.loads(line)
+            done[(r["task"], r["batch"], r["method"], r["ratio"])] = r["result"]
+        except (ValueError, KeyError, TypeError):  # ValueError: bad JSON or bytes not UTF-8
+            raise UserError(f"{path}: line {number} is damaged; pass --overwrite to start "
+                            "over") from None
+    return done
+
+
+def append_result(path: str, record: dict) -> None:
+    """One line, written whole, flushed and fsync'd before the run moves on."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_context_length(config, tasks, context_length, kl_tokens) -> None:
+    window = config.max_position_embeddings
+    new = max(max(MAX_NEW_TOKENS.get(t, 0) for t in tasks), kl_tokens)
+    if context_length + new >= window:
+        raise UserError(f"--context_length={context_length} does not fit the model's "
+                        f"{window}-token window with a question and {new} new tokens; use at "
+                        f"most about {window - new - 64}")
+
+
+def check_samples_fit(config, tokenizer, task, samples, kl_tokens) -> None:
+    longest = max(len(tokenizer.encode(s.context)) + len(tokenizer.encode(s.question))
+                  for s in samples)
+    new = max(MAX_NEW_TOKENS[task], kl_tokens)
+    if longest + new > config.max_position_embeddings:
+        raise UserError(f"{task}: a sample of {longest} tokens plus {new} new ones exceeds the "
+                        f"model's {config.max_position_embeddings}-token window; lower "
+                        "--context_length")
+
+
 def run() -> None:
     from tqdm import tqdm
     settings = settings_from_flags()
+    wanted, output = arguments(), _OUTPUT.value
+    check_output_dir(output, wanted, _OVERWRITE.value)
     checkpoint = load_checkpoint(_CHECKPOINT.value, jnp.dtype(_DTYPE.value))
+    check_context_length(checkpoint.config, _TASKS.value, _CONTEXT.value, _KL_TOKENS.value)
     count = lambda text: len(checkpoint.tokenizer.encode(text))
-    task_results = {}
-    for task in _TASKS.value:
-        samples = make_samples(task, count, _CONTEXT.value, _SAMPLES.value, _SEED.value)
-        merged: dict = {}
-        batches = range(0, len(samples), _BATCH.value)
-        for start in tqdm(batches, desc=task, file=sys.stderr):
-            batch = evaluate_batch(checkpoint, samples[start:start + _BATCH.value], settings,
-                                   MAX_NEW_TOKENS[task], _KL_TOKENS.value)
-            for label, r in batch.items():
-                for key, values in r.items():
-                    merged.setdefault(label, {}).setdefault(key, []).extend(values)
-        task_results[task] = merged
+    samples = {task: make_samples(task, count, _CONTEXT.value, _SAMPLES.value, _SEED.value)
+               for task in _TASKS.value}
+    for task, task_samples in samples.items():
+        check_samples_fit(checkpoint.config, checkpoint.tokenizer, task, task_samples,
+                          _KL_TOKENS.value)
+    start_output_dir(output, wanted, _OVERWRITE.value)
+    results_path = os.path.join(output, RESULTS)
+    done = load_results(results_path)
+    for task, task_samples in samples.items():
+        starts = range(0, len(task_samples), _BATCH.value)
+        with tqdm(total=len(task_samples) * len(settings), unit="sample", file=sys.stderr,
+                  desc=f"{task} ({len(settings)} settings)") as bar:
+            for start in starts:
+                batch = task_samples[start:start + _BATCH.value]
+                skip = {s.label for s in settings if (task, start, *s.label) in done}
+                bar.update(len(batch) * len(skip))
+                if len(skip) == len(settings):
+                    continue
+                for label, result in evaluate_batch(checkpoint, batch, settings,
+                                                    MAX_NEW_TOKENS[task], _KL_TOKENS.value, skip):
+                    append_result(results_path, dict(task=task, batch=start, method=label[0],
+                                                     ratio=label[1], result=result))
+                    done[(task, start, *label)] = result
+                    bar.update(len(batch))
+    task_results = {task: {s.label: merge(done[(task, start, *s.label)]
+                                          for start in range(0, len(task_samples), _BATCH.value))
+                           for s in settings}
+                    for task, task_samples in samples.items()}
+    write_final(output, task_results)
+
+
+def merge(batches) -> dict:
+    merged: dict = {}
+    for result in batches:
+        for key, values in result.items():
+            merged.setdefault(key, []).extend(values)
+    return merged
+
+
+def write_final(output: str, task_results: dict) -> None:
     rows = summarise(task_results)
-    os.makedirs(_OUTPUT.value, exist_ok=True)
-    with open(os.path.join(_OUTPUT.value, "results.json"), "w") as f:
+    with open(os.path.join(output, "results.json"), "w") as f:
         json.dump(dict(flags=dict(tasks=_TASKS.value, context_length=_CONTEXT.value,
                                   num_samples=_SAMPLES.value, seed=_SEED.value,
                                   checkpoint=_CHECKPOINT.value or "SmolLM2-135M-Instruct Q4_1",
@@ -228,9 +371,9 @@ def run() -> None:
                        outputs={f"{t}/{m}/{r}": v["outputs"] for t, by in task_results.items()
                                 for (m, r), v in by.items()}), f, indent=1)
     table = markdown(rows)
-    with open(os.path.join(_OUTPUT.value, "results.md"), "w") as f:
+    with open(os.path.join(output, "results.md"), "w") as f:
         f.write(table)
-    plot(rows, os.path.join(_OUTPUT.value, "score_vs_memory.png"))
+    plot(rows, os.path.join(output, "score_vs_memory.png"))
     print(table)
 
 

@@ -24,6 +24,8 @@ _PROMPT = flags.DEFINE_string("prompt", None, "Prompt text (the context, if comp
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "Read the prompt from this file.")
 _CONTEXT = flags.DEFINE_string("context", None, "Context to compress (same as --prompt).")
 _CONTEXT_FILE = flags.DEFINE_string("context_file", None, "Read the context from this file.")
+_ENCODING = flags.DEFINE_string("encoding", "utf-8", "Text encoding of --prompt_file and "
+                                "--context_file (a Python codec name, e.g. latin-1).")
 _QUESTION = flags.DEFINE_string("question", "", "Appended after compression, never compressed.")
 _CHAT = flags.DEFINE_bool("chat", False, "Wrap the prompt in the checkpoint's chat template.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Most tokens to generate.")
@@ -52,14 +54,6 @@ def _dtype():
     return api.default_dtype() if _DTYPE.value == "auto" else jnp.dtype(_DTYPE.value)
 
 
-def _read(path: str, flag: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except OSError as e:
-        raise UserError(f"cannot read --{flag}: {e.strerror}: {path}")
-
-
 def _context_text() -> str:
     given = {name: value for name, value in [
         ("prompt", _PROMPT.value), ("prompt_file", _PROMPT_FILE.value),
@@ -67,7 +61,7 @@ def _context_text() -> str:
     if len(given) != 1:
         raise UserError("give exactly one of --prompt, --prompt_file, --context, --context_file")
     (name, value), = given.items()
-    return _read(value, name) if name.endswith("_file") else value
+    return cli.read_text(value, _ENCODING.value, name) if name.endswith("_file") else value
 
 
 def run() -> None:

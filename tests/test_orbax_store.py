@@ -91,7 +91,7 @@ def test_missing_corrupt_or_mismatched_checkpoint_is_reported(tmp_path):
         restore_tree(tmp_path / "nope", _abstract(params))
 
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="is not an Orbax checkpoint"):
+    with pytest.raises(UserError, match="no readable Orbax metadata"):
         restore_tree(tmp_path / "empty", _abstract(params))
 
     save_tree(tmp_path / "ckpt", params)
@@ -105,12 +105,15 @@ def test_missing_corrupt_or_mismatched_checkpoint_is_reported(tmp_path):
     with pytest.raises(UserError, match="has no array 'layers.2.norm'"):
         restore_tree(tmp_path / "ckpt", extra_layer)
     fewer_layers = dataclasses.replace(_abstract(params), layers=_abstract(params).layers[:1])
-    with pytest.raises(UserError, match="cannot restore the checkpoint"):
+    with pytest.raises(UserError, match="2 array.s. the model config does not ask for, e.g. 'layers.1.norm'"):
         restore_tree(tmp_path / "ckpt", fewer_layers)
 
     save_tree(tmp_path / "corrupt", params)
     for f in (tmp_path / "corrupt").rglob("*"):
         if f.is_file():
             f.write_bytes(b"garbage")
-    with pytest.raises(UserError, match="is not an Orbax checkpoint"):
+    with pytest.raises(UserError, match="file_sizes.json: damaged"):
+        restore_tree(tmp_path / "corrupt", _abstract(params))
+    (tmp_path / "corrupt" / "file_sizes.json").unlink()  # as a checkpoint written by Orbax alone
+    with pytest.raises(UserError, match="no readable Orbax metadata"):
         restore_tree(tmp_path / "corrupt", _abstract(params))
