@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from checkpoints_convert.gguf import read_gguf
 from checkpoints_convert.json_file import read_json
-from checkpoints_convert.orbax_store import restore_tree
+from checkpoints_convert.orbax_store import restore_tree, save_tree
 from checkpoints_convert.safetensors_files import read_hf_checkpoint
 from checkpoints_convert.to_params import params_from_gguf, params_from_hf
 from pallas_kernels.errors import UserError
@@ -117,3 +117,16 @@ def _load_orbax(path, dtype) -> Checkpoint:
     tokenizer = _tokenizer(path)  # small files first: a bad one fails before the weights load
     params = restore_tree(os.path.join(path, ORBAX_PARAMS), abstract_params(config, dtype))
     return Checkpoint(config, params, tokenizer)
+
+
+def convert_checkpoint(source: str | None, output: str, dtype) -> None:
+    """Writes `source` (GGUF, HF or None for the default model) as an orbax checkpoint folder
+    that `load_checkpoint` reads directly: config, parameters in the engine's layout, tokenizer."""
+    if os.path.exists(output):
+        raise UserError(f"--output {output} already exists; choose a new folder")
+    checkpoint = load_checkpoint(source, dtype)
+    os.makedirs(output)
+    save_tree(os.path.join(output, ORBAX_PARAMS), checkpoint.params)
+    with open(os.path.join(output, ORBAX_CONFIG), "w") as f:
+        f.write(config_to_json(checkpoint.config))
+    checkpoint.tokenizer.save(output)

@@ -156,6 +156,12 @@ class KeepAll(Scorer):
 
     capabilities = Capabilities(evicts=False)
 
+    def check_budget(self, budget: Budget) -> None:
+        if budget.tokens is not None or budget.ratio:
+            raise UserError("a store alone keeps every context token, so --compression_ratio and "
+                            "--kv_budget would be ignored; drop them or name an eviction method "
+                            "first (e.g. snapkv+kivi4)")
+
     def score(self, observations, cache, context_lengths, config):
         return jnp.zeros(cache.positions.shape, jnp.float32)
 
@@ -219,7 +225,8 @@ class Chain(Compressor):
         return (self.first.init_params(config, first_key), self.then.init_params(config, then_key))
 
     def check_budget(self, budget: Budget) -> None:
-        self.first.check_budget(budget)
+        if not self.then.capabilities.own_budget:  # else the budget is `then`'s alone (Quest)
+            self.first.check_budget(budget)
         self.then.check_budget(budget)
 
     def layer_budgets(self, budget, n, num_layers):

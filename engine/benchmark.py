@@ -29,9 +29,8 @@ from compression.base import Budget
 from compression.registry import make_compression
 from compression.select import round_up
 from engine import cli
-from pallas_kernels.errors import UserError
 from engine.generation import bucket, generate
-from engine.memory import MemoryModel, sequence_state_bytes
+from engine.memory import MemoryModel, device_memory_bytes, sequence_state_bytes
 from models.config import PRESETS
 from models.params import declared_param_bytes, init_random_params, param_bytes
 
@@ -60,19 +59,6 @@ def read_bandwidth() -> float:
         total(x).block_until_ready()
         times.append(time.perf_counter() - start)
     return x.nbytes / min(times)
-
-
-def device_memory_bytes(memory_gb: float | None) -> int:
-    """`memory_gb` if given, else the device's memory as JAX reports it, else (a CPU, whose
-    device reports no memory) the host's physical memory."""
-    if memory_gb:
-        return int(memory_gb * 2**30)
-    stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" in stats:
-        return int(stats["bytes_limit"])
-    if jax.devices()[0].platform == "cpu":
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    raise UserError("cannot read the device's memory size; pass --memory_gb")
 
 
 def step_weight_bytes(params) -> int:

@@ -7,14 +7,10 @@ The output folder holds `engine_config.json` (the model config), `params/` (orba
 tokenizer (tokenizer.json, tokenizer_config.json, generation_config.json).
 """
 
-import os
-
 import jax.numpy as jnp
 from absl import flags
 
-from checkpoints_convert.load import (ORBAX_CONFIG, ORBAX_PARAMS, config_to_json,
-                                      load_checkpoint)
-from checkpoints_convert.orbax_store import save_tree
+from checkpoints_convert.load import convert_checkpoint
 from engine import cli
 from pallas_kernels.errors import UserError
 
@@ -23,21 +19,10 @@ _OUTPUT = flags.DEFINE_string("output", None, "Folder to create.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Stored dtype.")
 
 
-def convert(source: str | None, output: str, dtype) -> None:
-    if os.path.exists(output):
-        raise UserError(f"--output {output} already exists; choose a new folder")
-    checkpoint = load_checkpoint(source, dtype)
-    os.makedirs(output)
-    save_tree(os.path.join(output, ORBAX_PARAMS), checkpoint.params)
-    with open(os.path.join(output, ORBAX_CONFIG), "w") as f:
-        f.write(config_to_json(checkpoint.config))
-    checkpoint.tokenizer.save(output)
-
-
 def run() -> None:
     if not _OUTPUT.value:
         raise UserError("give --output, the folder to write")
-    convert(_SOURCE.value, _OUTPUT.value, jnp.dtype(_DTYPE.value))
+    convert_checkpoint(_SOURCE.value, _OUTPUT.value, jnp.dtype(_DTYPE.value))
     print(f"wrote {_OUTPUT.value}")
 
 

@@ -8,6 +8,7 @@ an estimate with a safety margin, not an allocator trace.
 """
 
 import dataclasses
+import os
 
 import jax
 
@@ -88,3 +89,16 @@ class MemoryModel:
                 f"batch {batch} needs about {need / 2**30:.1f} GiB of the device's "
                 f"{limit_bytes / 2**30:.1f} GiB; the largest batch that fits is "
                 f"{self.largest_batch(limit_bytes, group)}")
+
+
+def device_memory_bytes(memory_gb: float | None) -> int:
+    """`memory_gb` if given, else the device's memory as JAX reports it, else (a CPU, whose
+    device reports no memory) the host's physical memory."""
+    if memory_gb:
+        return int(memory_gb * 2**30)
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    if jax.devices()[0].platform == "cpu":
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    raise UserError("cannot read the device's memory size; pass --memory_gb")

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine.convert import convert
+from checkpoints_convert.load import convert_checkpoint as convert
 from checkpoints_convert.load import default_checkpoint_path, load_checkpoint
 from checkpoints_convert.gguf import read_gguf
 from models.tokenizer import tokenizer_from_gguf_metadata

@@ -3,7 +3,6 @@ mismatched checkpoint files (`error: <file>: <problem>`, status 1), text files t
 (or read with --encoding), Ctrl-C (`interrupted`, status 130); and engine.benchmark on a CPU
 sizes batches by the host's memory instead of stopping."""
 
-import json
 import os
 import shutil
 import signal
@@ -13,7 +12,7 @@ import jax
 import pytest
 
 from checkpoints_convert.orbax_store import FILE_SIZES
-from engine.benchmark import device_memory_bytes
+from engine.memory import device_memory_bytes
 from tests.tiny_checkpoint import assert_one_line, run_cli, start_cli, write_tiny_checkpoint
 
 

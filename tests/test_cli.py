@@ -112,3 +112,8 @@ def test_benchmark_refuses_a_batch_that_cannot_fit_and_names_the_largest():
                      module="engine.benchmark")
     assert_one_line_error(result, f"batch {largest + 1} needs",
                           f"largest batch that fits is {largest}")
+
+
+def test_a_budget_a_store_alone_would_ignore_is_refused():
+    assert_one_line_error(run_cli("--prompt=hi", "--compress=kivi4", "--kv_budget=16"),
+                          "keeps every context token")

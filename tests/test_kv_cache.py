@@ -8,7 +8,7 @@ import pytest
 
 from models.attention import NEG_INF
 from models.kv_cache import (EMPTY_POSITION, DenseKVCache, KVState, PagedKVCache,
-                             SegmentedCache, group_queries)
+                             SegmentedCache)
 
 BATCH, KV_HEADS, GROUP, HEAD_DIM, PAGE = 2, 2, 3, 8, 4
 
